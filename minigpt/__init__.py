@@ -1,0 +1,1 @@
+"""minigpt: a small, fast, readable GPT trainer on our own Triton FlashAttention kernels."""
