@@ -1,0 +1,149 @@
+"""Training callbacks: throughput and MFU, and a text sample after validation.
+
+Attention timing (``attn/*``, ``perf/step_ms``) lives in ``minigpt.timing``.
+
+ThroughputMonitor measures wall time over windows of optimizer steps rather than per step. Timing one
+step on a GPU needs a device synchronization at each end (the CPU runs ahead of the GPU), and a sync on
+every step stalls the launch queue. A window ends on a step at which the loggers write: they read the
+logged loss there, which synchronizes anyway, so the one ``torch.cuda.synchronize()`` per window costs
+nothing extra. Validation and checkpointing are left out of the windows: the clock pauses when validation
+starts and restarts at the next training batch. The first window starts after the first step, so
+``torch.compile`` and start-up do not count.
+"""
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name.
+# The first match wins, so the more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
+
+
+def peak_tflops(device: torch.device | str | None = None) -> float | None:
+    """Dense bf16 peak of a CUDA device in TFLOP/s, or None when unknown (a CPU, an unlisted GPU)."""
+    device = torch.device(device) if device is not None else None
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs ``perf/tokens_per_s`` and, on a GPU whose peak is known, ``perf/mfu`` (model FLOPs utilization:
+    ``GPT.flops_per_token() * tokens/s / peak``, a fraction in [0, 1]), once per window of optimizer steps.
+
+    Args:
+        window: optimizer steps per measurement (None = the trainer's log_every_n_steps).
+        peak_tflops: the device's peak in TFLOP/s for MFU (None = look it up in PEAK_BF16_TFLOPS).
+    """
+
+    def __init__(self, window: int | None = None, peak_tflops: float | None = None):
+        if window is not None and window < 1:
+            raise ValueError(f"window={window} must be None or >= 1")
+        self.window = window
+        self.peak_tflops = peak_tflops
+        self._measuring = False  # the first optimizer step is done; windows are being timed
+        self._start: float | None = None  # perf_counter when the clock (re)started; None while paused
+        self._elapsed = 0.0  # seconds timed in the open window before the last pause
+        self._tokens = 0  # tokens trained in the open window
+        self._last_step = 0  # trainer.global_step after the last batch
+
+    @staticmethod
+    def _now(pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # once per window: see the module doc
+        return time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_tflops is None:
+            self.peak_tflops = peak_tflops(pl_module.device)
+        self._flops_per_token = pl_module.model.flops_per_token()
+        self._measuring, self._start, self._elapsed, self._tokens = False, None, 0.0, 0
+        self._last_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx):
+        if self._measuring and self._start is None:
+            # back from validation, which ended by reading its loss: the GPU is idle, no sync needed
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        stepped = trainer.global_step != self._last_step  # False while accumulating gradients
+        self._last_step = trainer.global_step
+        if not self._measuring:
+            if stepped:  # the first step (compilation, warm-up) is over: open the first window
+                self._measuring, self._start = True, self._now(pl_module)
+            return
+        self._tokens += batch[0].numel()
+        if not stepped or trainer.global_step % (self.window or trainer.log_every_n_steps) != 0:
+            return
+        now = self._now(pl_module)
+        seconds = self._elapsed + now - self._start
+        per_device = self._tokens / seconds  # every device trains batches of the same size
+        metrics = {"perf/tokens_per_s": per_device * trainer.world_size}
+        if self.peak_tflops:
+            metrics["perf/mfu"] = self._flops_per_token * per_device / (self.peak_tflops * 1e12)
+        for logger in trainer.loggers:  # the step number Lightning gives this step's train/loss
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
+        self._start, self._elapsed, self._tokens = now, 0.0, 0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None and not trainer.sanity_checking:
+            self._elapsed += self._now(pl_module) - self._start  # the clock pauses for validation
+            self._start = None
+
+
+class SampleText(L.Callback):
+    """Prints a short sample of the model's text after each validation (and logs it to wandb), to watch
+    the model learn. Off unless added, e.g. in a config:
+
+        trainer:
+          callbacks:
+            - class_path: minigpt.callbacks.SampleText
+              init_args: {max_new_tokens: 200}
+
+    Args:
+        prompt: the text the sample continues.
+        max_new_tokens: tokens to generate (at most block_size minus the prompt).
+        temperature: sampling temperature.
+        top_k: sample among the k most likely tokens (None = all).
+        seed: seeds the sampler, so that samples of successive validations compare.
+    """
+
+    def __init__(
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 200,
+        seed: int = 0,
+    ):
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        enc = trainer.datamodule.tokenizer
+        idx = torch.tensor([enc.encode(self.prompt, allowed_special="all")], device=pl_module.device)
+        n = max(0, min(self.max_new_tokens, pl_module.model.config.block_size - idx.size(1)))
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        out = pl_module.model.generate(idx, n, self.temperature, self.top_k, generator=generator)
+        text = enc.decode(out[0].tolist())
+        rank_zero_info(f"\n--- sample at step {trainer.global_step} ---\n{text}\n---")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # WandbLogger: a table with one row per validation
+                logger.log_text("samples", columns=["step", "text"], data=[[trainer.global_step, text]])

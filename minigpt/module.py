@@ -1,0 +1,238 @@
+"""GPTModule: the LightningModule that trains a GPT on next-token prediction.
+
+Its typed ``__init__`` arguments are the ``model:`` section of the config (LightningCLI reads them, with
+their docs, from the signature below). The module owns the loss, the optimizer (AdamW with decay groups,
+fused on CUDA), the learning-rate schedule (linear warmup, then cosine decay to ``min_lr``, stepped per
+optimizer step), gradient clipping, ``torch.compile`` and the project's callbacks.
+
+Reproducibility. The data stream is a pure function of (seed, sample index) (see ``minigpt.data``); the
+dropout masks are made one too: before every micro-batch the global RNG is seeded from (seed, micro-step
+index). A run resumed from a checkpoint therefore continues the very trajectory it left, with no RNG state
+in the checkpoint to restore.
+"""
+
+import math
+import platform
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from minigpt.attention import resolve_backend
+from minigpt.model import GPT, GPTConfig
+
+
+class GPTModule(L.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int = 257,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_kv_head: int | None = None,
+        n_embd: int = 384,
+        dropout: float = 0.0,
+        bias: bool = False,
+        attention: Literal["auto", "triton", "sdpa", "naive"] = "auto",
+        rope: bool = False,
+        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        qk_norm: bool = False,
+        mlp: Literal["gelu", "relu2", "swiglu"] = "gelu",
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        compile: bool = False,
+        time_attention: bool = True,
+    ):
+        """A GPT trained on next-token cross-entropy.
+
+        Args:
+            vocab_size: tokens in the vocabulary (set from the data's tokenizer).
+            block_size: context length in tokens (also the data's window length).
+            n_layer: transformer blocks.
+            n_head: query heads per attention layer.
+            n_kv_head: key/value heads (None = n_head; fewer = grouped-query attention).
+            n_embd: width of the residual stream.
+            dropout: dropout probability in training (embeddings, attention, residual branches).
+            bias: biases in the Linear layers and LayerNorms.
+            attention: attention backend: auto | triton | sdpa | naive (auto: triton on CUDA, else sdpa).
+            rope: rotary position embeddings instead of learned ones.
+            norm: layernorm | rmsnorm.
+            qk_norm: RMSNorm on queries and keys before attention.
+            mlp: gelu | relu2 | swiglu.
+            learning_rate: peak learning rate, reached at the end of the warmup.
+            min_lr: learning rate at the end of the cosine decay (and after it).
+            warmup_steps: optimizer steps of linear warmup from 0 to learning_rate.
+            lr_decay_steps: optimizer step at which the cosine reaches min_lr (None = trainer.max_steps).
+            weight_decay: AdamW weight decay of the matrices (biases and norm gains are not decayed).
+            betas: AdamW betas.
+            compile: torch.compile the GPT (the first steps then take longer while it compiles).
+            time_attention: log the forward and backward time of attention per step (attn/*); in a compiled
+                model this breaks the graph at every attention call.
+        """
+        super().__init__()
+        if not 0.0 <= min_lr <= learning_rate:
+            raise ValueError(f"min_lr={min_lr} must lie in [0, learning_rate={learning_rate}]")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
+            raise ValueError(f"lr_decay_steps={lr_decay_steps} must be None or > warmup_steps={warmup_steps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
+        self.save_hyperparameters()
+        self.model = GPT(
+            GPTConfig(
+                block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias, attention=attention,
+                rope=rope, norm=norm, qk_norm=qk_norm, mlp=mlp,
+            )
+        )
+        self.attention_backend = attention  # resolved on the real device in setup()
+        self._base_seed = 0
+        self._micro = (-1, 0)  # (global_step, micro-batch within it) of the current batch
+        self._grad_norm: torch.Tensor | None = None
+
+    # ---- setup ------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device  # the module itself still sits on the CPU here
+        self.attention_backend = resolve_backend(self.hparams.attention, device)
+        self._base_seed = torch.initial_seed()  # seed_everything's value when the run was seeded
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()  # in place: the state_dict keys stay those of the plain GPT
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        """Record what runs: the resolved attention backend, the device, library versions (in the wandb
+        config and the CSV logger's hparams.yaml)."""
+        device = self.trainer.strategy.root_device
+        info = {
+            "attention_backend": self.attention_backend,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "torch_version": torch.__version__,
+            "triton_version": _version("triton"),
+            "lightning_version": L.__version__,
+            "n_params": self.model.num_params(),
+            "flops_per_token": self.model.flops_per_token(),
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams(info)
+        rank_zero_info(
+            f"GPT of {info['n_params'] / 1e6:.2f} M parameters, "
+            f"attention {self.attention_backend} on {info['device']}"
+        )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from minigpt.callbacks import ThroughputMonitor
+
+        callbacks: list[L.Callback] = [ThroughputMonitor()]
+        if self.hparams.time_attention:
+            from minigpt.timing import AttentionTimingCallback
+
+            callbacks.append(AttentionTimingCallback())
+        return callbacks
+
+    # ---- steps ------------------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout randomness as a pure function of (seed, micro-step), like the data: see the module doc.
+        step, micro = self._micro
+        self._micro = (self.global_step, micro + 1 if step == self.global_step else 0)
+        micro_step = self.global_step * self.trainer.accumulate_grad_batches + self._micro[1]
+        torch.manual_seed(hash((self._base_seed, micro_step)) & (2**63 - 1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        # Two things would wait for the GPU on every step: the progress bar (it turns what it shows into
+        # Python numbers) and logging a Python float (copied to the device). Both happen only on the steps
+        # the loggers write, which read the logged tensors there anyway.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self._grad_norm = torch.nn.utils.get_total_norm(grads)  # before clipping, as nanoGPT reports it
+        self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Clipped here rather than by Lightning's precision plugin, which refuses fused optimizers even
+        # under bf16, where no gradient scaling happens. Reuses the norm computed for logging.
+        if not gradient_clip_val:
+            return
+        params = [p for p in self.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    # ---- optimizer and schedule -------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step`: linear warmup, then cosine down to min_lr."""
+        hp = self.hparams
+        decay_steps = hp.lr_decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps <= 0:
+            raise ValueError("lr_decay_steps=None needs trainer.max_steps set (> 0); set one of them")
+        if step < hp.warmup_steps:
+            return hp.learning_rate * (step + 1) / (hp.warmup_steps + 1)
+        if step >= decay_steps:
+            return hp.min_lr
+        ratio = (step - hp.warmup_steps) / max(1, decay_steps - hp.warmup_steps)
+        return hp.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (hp.learning_rate - hp.min_lr)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        self.lr_at(0)  # fails early when no decay horizon is known
+        # fused AdamW on CUDA, except under fp16 loss scaling, whose unscaling Lightning does for
+        # unfused optimizers only
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        device_type = "cuda" if self.trainer.strategy.root_device.type == "cuda" and not scaled else "cpu"
+        optimizer = self.model.configure_optimizers(
+            hp.weight_decay, hp.learning_rate, tuple(hp.betas), device_type
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.lr_at(s) / hp.learning_rate)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The model shape is in checkpoint["hyper_parameters"]; with the tokenizer a checkpoint alone samples.
+        from minigpt.tokenizer import tokenizer_to_dict
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            checkpoint["tokenizer"] = tokenizer_to_dict(datamodule.tokenizer)
+
+
+def _cpu_name() -> str:
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"

@@ -1,0 +1,222 @@
+"""Training end to end through train.py: loss, logged metrics (CSV and wandb), resume, CLI errors.
+
+The CPU tests train configs/tiny.yaml in-process on a 300 K character slice of the built-in corpus, in
+temporary folders. One 30-step run serves several tests.
+"""
+
+import csv
+import importlib.util
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _load_train():
+    # train.py is a script at the repository root, not part of the installed package
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+main = _load_train().main
+
+
+def read_metric(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric in a run's metrics.csv (the last value when a step repeats)."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def wandb_records(path: Path):
+    """The records of a .wandb file: wandb's log format is LevelDB's (32 KiB blocks of chunks, each with a
+    7-byte header: checksum, length, type FULL=1 | FIRST=2 | MIDDLE=3 | LAST=4) after a 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb log"
+    pos, block, parts = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine extra threads make each op far slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, one_thread):
+    from minigpt.data import shakespeare_text
+
+    root = tmp_path_factory.mktemp("train")
+    (root / "corpus.txt").write_text(shakespeare_text()[:300_000])
+    return root
+
+
+def tiny_args(workdir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", TINY,
+        "--data.source", str(workdir / "corpus.txt"),
+        "--data.cache_dir", str(workdir / "data"),
+        "--out_dir", str(workdir / "runs"),
+        "--wandb_mode", "offline",
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(workdir) -> Path:
+    """A 30-step run of tiny.yaml; returns its run folder."""
+    trainer = main(tiny_args(workdir, "--run_name", "straight"))
+    assert trainer.global_step == 30
+    return workdir / "runs" / "straight"
+
+
+def test_tiny_trains_and_loss_falls(tiny_run):
+    loss = read_metric(tiny_run, "train/loss")
+    assert sorted(loss) == list(range(30)), "one train/loss per step"
+    first, last = [loss[s] for s in range(3)], [loss[s] for s in range(27, 30)]
+    assert abs(sum(first) / 3 - math.log(257)) < 0.3, f"an untrained model starts near ln(257): {first}"
+    assert sum(last) / 3 < sum(first) / 3 - 1.5, f"loss did not fall: {first} -> {last}"
+    val = read_metric(tiny_run, "val/loss")
+    assert sorted(val) == [9, 19, 29], f"validation every 10 steps: {val}"
+    assert val[29] < val[9]
+
+
+def test_run_folder_layout(tiny_run):
+    assert (tiny_run / "config.yaml").is_file()
+    ckpts = tiny_run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    assert len(list(ckpts.glob("best-*.ckpt"))) == 1
+    ckpt = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 30
+    assert ckpt["hyper_parameters"]["n_layer"] == 2 and ckpt["hyper_parameters"]["vocab_size"] == 257
+    from minigpt.tokenizer import tokenizer_from_dict
+
+    assert tokenizer_from_dict(ckpt["tokenizer"]).decode([82, 111, 109, 101, 111]) == "Romeo"
+
+
+def test_csv_holds_the_logged_metrics(tiny_run):
+    with open(tiny_run / "metrics.csv", newline="") as f:
+        keys = set(csv.DictReader(f).fieldnames)
+    expected = {"train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s"}
+    assert expected <= keys, f"missing: {expected - keys}"
+    assert "perf/mfu" not in keys, "no MFU on a CPU (no known peak)"
+    lr = read_metric(tiny_run, "train/lr")
+    assert lr[0] == pytest.approx(3e-3 * 1 / 6) and lr[4] == pytest.approx(3e-3 * 5 / 6)  # warmup
+    assert lr[29] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi * 24 / 25)) * 2.7e-3)  # cosine
+    tokens_per_s = read_metric(tiny_run, "perf/tokens_per_s")
+    assert len(tokens_per_s) >= 25 and all(v > 0 for v in tokens_per_s.values())
+    assert all(v > 0 for v in read_metric(tiny_run, "train/grad_norm").values())
+
+
+def test_wandb_offline_run_holds_keys_and_config(tiny_run):
+    runs = list((tiny_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"one offline wandb run in the run folder, found {runs}"
+    history, config = set(), {}
+    for record in wandb_records(next(runs[0].glob("*.wandb"))):
+        if record.HasField("history"):
+            history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        if record.HasField("config"):
+            config |= {item.key: item.value_json for item in record.config.update}
+    expected = {"train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s"}
+    assert expected <= history, f"missing in wandb history: {expected - history}"
+    assert config["attention_backend"] == '"sdpa"'
+    assert config["torch_version"] == f'"{torch.__version__}"'
+    assert {"triton_version", "device", "n_layer", "learning_rate"} <= config.keys()
+
+
+def test_resume_continues_the_same_trajectory(tiny_run, workdir):
+    """10 steps, then a resumed run to 20, give the losses of the straight run step for step (data order,
+    dropout masks, optimizer and schedule state all continue). The schedule horizon is the straight run's."""
+    args = tiny_args(workdir, "--run_name", "resumed", "--model.lr_decay_steps", "30")
+    assert main([*args, "--trainer.max_steps", "10"]).global_step == 10
+    assert main([*args, "--trainer.max_steps", "20", "--ckpt_path", "last"]).global_step == 20
+    straight = read_metric(tiny_run, "train/loss")
+    resumed = read_metric(workdir / "runs" / "resumed", "train/loss")
+    assert sorted(resumed) == list(range(20))
+    diffs = [abs(resumed[s] - straight[s]) for s in range(20)]
+    assert max(diffs) < 1e-5, f"resumed losses differ from the straight run: {diffs}"
+    assert read_metric(workdir / "runs" / "resumed", "val/loss")[19] == pytest.approx(
+        read_metric(tiny_run, "val/loss")[19], abs=1e-5
+    )
+    # the resumed leg logs into the same wandb run: two offline folders of one run id
+    folders = list((workdir / "runs" / "resumed" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and len({p.name.rsplit("-", 1)[-1] for p in folders}) == 1, folders
+
+
+def test_unknown_config_key_fails_clearly(workdir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(workdir, "--model.n_layers", "3"))
+    assert e.value.code != 0
+    assert "n_layers" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_fails_clearly(workdir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(workdir, "--run_name", "never-trained", "--ckpt_path", "last"))
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "no checkpoint at" in err and str(Path("never-trained") / "checkpoints" / "last.ckpt") in err
+    with pytest.raises(SystemExit):
+        main(tiny_args(workdir, "--ckpt_path", str(workdir / "nope.ckpt")))
+    assert "nope.ckpt: no such checkpoint file" in capsys.readouterr().err
+
+
+def test_print_config_shows_every_section(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", TINY, "--print_config"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    keys = ("seed_everything:", "trainer:", "max_steps: 30", "model:", "learning_rate:", "time_attention:",
+            "data:", "block_size: 32", "run_name:", "wandb_mode:", "ckpt_path:")
+    for key in keys:
+        assert key in out, f"{key!r} not in --print_config output"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_triton_and_sdpa_train_alike(tmp_path):
+    """200 steps of shakespeare_char without dropout, once per backend: same data, same initialization,
+    the same math up to bf16 rounding, so the loss curves agree within bf16 noise."""
+    losses = {}
+    for backend in ("triton", "sdpa"):
+        main([
+            "--config", str(ROOT / "configs" / "shakespeare_char.yaml"),
+            "--model.attention", backend, "--model.dropout", "0",
+            "--trainer.max_steps", "200", "--trainer.val_check_interval", "100", "--data.val_batches", "20",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--data.cache_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "runs"),
+            "--wandb_mode", "disabled",
+        ])  # fmt: skip
+        losses[backend] = read_metric(tmp_path / "runs" / f"shakespeare_char-{backend}", "train/loss")
+    triton, sdpa = losses["triton"], losses["sdpa"]
+    assert sorted(triton) == sorted(sdpa) == list(range(200))
+    diffs = [abs(triton[s] - sdpa[s]) for s in range(200)]
+    print(f"max |triton - sdpa| train/loss: {max(diffs):.4f}, final {triton[199]:.4f} vs {sdpa[199]:.4f}")
+    assert triton[199] < triton[0] - 2.0, "training made progress"
+    assert max(diffs[:20]) < 0.02, "the first steps agree closely"
+    assert max(diffs) < 0.1
+    tail = sum(triton[s] - sdpa[s] for s in range(180, 200)) / 20
+    assert abs(tail) < 0.03, f"the last 20 steps differ by {tail:.4f} on average"
