@@ -1,0 +1,782 @@
+"""FlashAttention-2 in Triton: fused causal attention, forward and backward.
+
+Attention computes ``O = softmax(scale * Q K^T + mask) V``. Written out, the score matrix ``Q K^T`` has
+T x S entries per head, far too many bytes to write to memory and read back. FlashAttention
+(Dao et al. 2022; FlashAttention-2, Dao 2023) never materializes it: each program owns a block of
+query rows, streams the keys and values through on-chip memory one block at a time, and keeps a
+running ("online") softmax, so memory traffic stays linear in the sequence length.
+
+The parts, in the order a call uses them:
+
+1. ``_attn_fwd``: grid over (query blocks, batch * heads). Online softmax in base 2 (the softmax scale
+   and log2(e) are folded into the scores so ``exp2`` does the work). Under a causal mask the key
+   blocks split in two: the off-band part left of the diagonal is fully visible and runs with no
+   masking at all, the on-band part on the diagonal is masked element by element, and blocks right
+   of the diagonal are never loaded. The row log-sum-exp is saved for the backward pass.
+2. ``_attn_bwd_preprocess``: ``delta = rowsum(dO * O)``, the term every softmax gradient row needs.
+3. ``_attn_bwd_dkdv``: grid over (key blocks, batch * kv heads). Each program holds its K and V block
+   and walks the query blocks of every query head that shares this kv head (grouped-query and
+   multi-query attention with no copies of K and V, and no atomics: results are deterministic).
+4. ``_attn_bwd_dq``: grid over (query blocks, batch * heads), walking key blocks like the forward.
+5. The launchers, and two doors to them: a plain ``torch.autograd.Function`` for eager calls (the
+   cheapest host path) and the ``torch.library`` custom ops that ``torch.compile(fullgraph=True)``
+   traces as single graph nodes. ``flash_attention`` validates its inputs and picks the door.
+
+Conventions. q is (B, H, T, D), k and v are (B, H_kv, S, D), any strides. The causal mask is aligned
+bottom-right: query i sees key j when ``j <= i + S - T`` (for T == S the usual lower triangle; for
+T == 1 the newest query of a KV-cache decode sees every key). When T > S the first T - S query rows
+see no key at all: their output is 0 and their log-sum-exp is -inf (PyTorch's math path returns NaN
+there). Dropout is drawn inside the kernels from Philox counters (seed, batch * head, row, column),
+so the backward regenerates exactly the forward's mask and nothing of size T x S is ever stored.
+"""
+
+import contextlib
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_attention", "dropout_keep_mask", "forced_config", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Outputs are allocated through this name so a test can swap in NaN-filled buffers and prove that the
+# kernels write every element.
+_empty = torch.empty
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a (rows, cols) tile, masking only the edges that can run past the tensor (out of range -> 0)."""
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dropout_keep(seed_bh, rows, cols, S, dropout_p):
+    """Philox keep-mask for attention entries (row, col) of one (batch, head).
+
+    ``seed_bh`` is the 64-bit Philox key: the call's seed in the low word, batch * H + head in the high
+    word, so every head has its own stream. The counter is ``row * S + col`` (int32, so T * S < 2**31).
+    Forward, both backward kernels and ``dropout_keep_mask`` call this same function.
+    """
+    return tl.rand(seed_bh, rows * S + cols) >= dropout_p
+
+
+@triton.jit
+def _philox_key(Seed, off_bh):
+    return tl.load(Seed) + (off_bh.to(tl.int64) << 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autotuning: tiles per head dim, dtype, causal and a power-of-two bucket of the sequence length
+# ----------------------------------------------------------------------------------------------------
+def _seq_bucket(T: int, S: int) -> int:
+    """Autotune key: one tuning per power-of-two bucket of the longer sequence, not per length."""
+    return max(16, triton.next_power_of_2(max(T, S)))
+
+
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 101376))
+
+
+def _make_pruner(smem_tiles):
+    """Drop configs whose tiles exceed the sequence bucket or whose buffers cannot fit shared memory.
+
+    ``smem_tiles(BLOCK_M, BLOCK_N, BLOCK_D, num_stages)`` estimates the elements staged in shared memory.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        bucket, block_d = args["SEQ_BUCKET"], args["BLOCK_D"]
+        q = args["Q"]
+        limit = _smem_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        kept = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if bm > bucket or bn > bucket:
+                continue
+            if smem_tiles(bm, bn, block_d, c.num_stages) * q.element_size() > limit:
+                continue
+            kept.append(c)
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+def _configs(gpu_list, interpret_tile):
+    if _interpreting():  # the interpreter runs every program in numpy: one small config, no tuning
+        bm, bn = interpret_tile
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_list]
+
+
+# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages)
+_FWD_CONFIGS = [
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+    (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
+]
+_DKDV_CONFIGS = [  # BLOCK_N keys held per program, BLOCK_M queries streamed
+    (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (64, 128, 4, 2),
+    (64, 64, 8, 3), (32, 128, 8, 3),
+]
+_DQ_CONFIGS = [  # BLOCK_M queries held per program, BLOCK_N keys streamed
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2),
+]
+_AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"]  # dtypes join the key by themselves
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Forward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, lo, hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Stream key blocks [lo, hi) through the online softmax. MASKED: the on-band (or ragged tail) part."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, S, offs_d, HEAD_DIM, MASKED, not EVEN_D)
+        # Scores in base-2 units: qk_scale = sm_scale * log2(e), so exp2(qk) == exp(sm_scale * q.k).
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:  # hide keys past the end and, on the band, keys right of the diagonal
+            visible = offs_n[None, :] < S
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(visible, qk, float("-inf"))
+        # Online softmax: raise the running max, rescale what was accumulated under the old max.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:  # a row that has seen only masked keys keeps m = -inf: subtract 0 instead (no NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.exp2(qk - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts every visible key, dropped or not
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], S, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       offs_n, S, offs_d, HEAD_DIM, MASKED, not EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_configs(_FWD_CONFIGS, (32, 16)),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd)},
+)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, Lse, Seed,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, GROUP, T, S, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Which rows, which head. Causal: the last query blocks see the most keys, so launch them first.
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_hkv = off_h // GROUP  # grouped-query attention: GROUP query heads share one kv head
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    K_base = K + off_b * stride_kb + off_hkv * stride_kh
+    V_base = V + off_b * stride_vb + off_hkv * stride_vh
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt
+                   + offs_d[None, :] * stride_qd, offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+    seed_bh = 0
+    if HAS_DROPOUT:
+        seed_bh = _philox_key(Seed, off_bh)
+
+    # Running state per row: max m_i (base 2), normalizer l_i, unnormalized output acc, all fp32.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Split the keys. diag = S - T shifts the causal diagonal to the bottom-right corner.
+    diag = S - T
+    if IS_CAUSAL:
+        # Off-band: key blocks every row of this block sees in full (last key <= first row + diag).
+        band_lo = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+        # On-band: up to the last key the last row sees; keys beyond are never loaded.
+        band_hi = tl.maximum(tl.minimum(start_m + BLOCK_M + diag, S), band_lo)
+    else:
+        band_lo = (S // BLOCK_N) * BLOCK_N  # full blocks unmasked, the ragged tail masked
+        band_hi = S
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, 0, band_lo, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
+        False, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, band_lo, band_hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
+        True, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+
+    # Epilogue: normalize; rows that saw no key (causal, T > S) output 0 with log-sum-exp -inf.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    if HAS_DROPOUT:
+        acc = acc * (inv_keep / l_safe)[:, None]  # kept entries are scaled by 1 / (1 - p)
+    else:
+        acc = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
+    tl.store(Lse + off_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot
+              + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Backward preprocess: delta_i = sum_d dO[i, d] * O[i, d]
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # With P the softmax and dP = dO V^T, the score gradient is dS = P * (dP - delta), where
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i: one number per row, computed once here.
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Backward dK, dV: one program per key block, looping over query blocks of every head in the group
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    offs_n, offs_d, lo, hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV of this key block over query blocks [lo, hi). Tiles are transposed
+    (keys x queries) so P^T and dS^T come out directly in the shape the dK, dV products need."""
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        # Query rows past T load q = dO = 0 and lse = +inf, so their P^T column is exactly 0.
+        q = _load_tile(Q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                       offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+        lse2 = tl.load(Lse_base + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
+        # Recompute P^T from the saved log-sum-exp instead of storing P in the forward.
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:  # on the band: query i sees key j only when j <= i + diag
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+        do = _load_tile(DO_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                        offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        if HAS_DROPOUT:  # the same Philox mask as the forward, read transposed
+            keepT = _dropout_keep(seed_bh, offs_m[None, :], offs_n[:, None], S, dropout_p)
+            pT_drop = tl.where(keepT, pT * inv_keep, 0.0)
+            dv = tl.dot(pT_drop.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV += P^T dO
+        delta = tl.load(Delta_base + offs_m, mask=offs_m < T, other=0.0)
+        dsT = pT * (dpT - delta[None, :])  # softmax backward
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # dK += dS^T Q (scaled later)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_configs(_DKDV_CONFIGS, (16, 32)),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd)},
+)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV, Seed,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, H_KV, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_bhkv = tl.program_id(1)
+    off_b = (off_bhkv // H_KV).to(tl.int64)
+    off_hkv = (off_bhkv % H_KV).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    # This program's key block stays in registers for the whole pass.
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, offs_n, S, offs_d, HEAD_DIM, True, not EVEN_D)
+    v = _load_tile(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_d[None, :] * stride_vd, offs_n, S, offs_d, HEAD_DIM, True, not EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Split the queries. The band holds rows that see only part of this key block; rows below it
+    # see all of it (off-band, unmasked); rows above it see none of it and are skipped.
+    diag = S - T
+    if IS_CAUSAL:
+        first_row = tl.maximum(start_n - diag, 0)  # first query that sees any key of the block
+        full_row = tl.maximum(tl.minimum(start_n + BLOCK_N, S) - 1 - diag, 0)  # first that sees all
+        band_lo = (first_row // BLOCK_M) * BLOCK_M
+        band_hi = tl.maximum(tl.cdiv(full_row, BLOCK_M) * BLOCK_M, band_lo)
+    else:
+        band_lo = 0
+        band_hi = 0
+
+    for g in range(GROUP):  # every query head that reads this kv head
+        off_h = off_hkv * GROUP + g
+        off_bh = off_b * H + off_h
+        Q_base = Q + off_b * stride_qb + off_h * stride_qh
+        DO_base = DO + off_b * stride_dob + off_h * stride_doh
+        Lse_base = Lse + off_bh * T
+        Delta_base = Delta + off_bh * T
+        seed_bh = 0
+        if HAS_DROPOUT:
+            seed_bh = _philox_key(Seed, off_bh)
+        dk, dv = _attn_bwd_dkdv_inner(  # on the band: masked
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+            offs_n, offs_d, band_lo, band_hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+            True, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_inner(  # off-band: every row sees the whole key block
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+            offs_n, offs_d, band_hi, T, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+            False, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M)
+
+    # Scores were sm_scale * q.k, so dK picks up sm_scale once here.
+    mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Backward dQ: one program per query block, walking key blocks like the forward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, lo, hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, S, offs_d, HEAD_DIM, MASKED, not EVEN_D)
+        v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       offs_n, S, offs_d, HEAD_DIM, MASKED, not EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            visible = offs_n[None, :] < S
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], S, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # dQ += dS K (scaled later)
+    return dq
+
+
+@triton.autotune(
+    configs=_configs(_DQ_CONFIGS, (32, 16)),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bm * bd + 2 * st * bn * bd)},
+)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, Lse, Delta, DQ, Seed,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_hkv = off_h // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt
+                   + offs_d[None, :] * stride_qd, offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :] * stride_dod, offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+    row_ok = offs_m < T
+    lse2 = tl.load(Lse + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    K_base = K + off_b * stride_kb + off_hkv * stride_kh
+    V_base = V + off_b * stride_vb + off_hkv * stride_vh
+    seed_bh = 0
+    if HAS_DROPOUT:
+        seed_bh = _philox_key(Seed, off_bh)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # The same key split as the forward: off-band unmasked, on-band masked, hidden blocks skipped.
+    diag = S - T
+    if IS_CAUSAL:
+        band_lo = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+        band_hi = tl.maximum(tl.minimum(start_m + BLOCK_M + diag, S), band_lo)
+    else:
+        band_lo = (S // BLOCK_N) * BLOCK_N
+        band_hi = S
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, 0, band_lo, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+        False, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, band_lo, band_hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+        True, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt
+             + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout mask, materialized (tests only: the kernels never store it)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dropout_mask_kernel(Seed, Mask, T, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    off_bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(_philox_key(Seed, off_bh), offs_m[:, None], offs_n[None, :], S, dropout_p)
+    ptrs = Mask + off_bh.to(tl.int64) * T * S + offs_m[:, None] * S + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < S))
+
+
+def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, T: int, S: int, dropout_p: float) -> torch.Tensor:
+    """The (B, H, T, S) boolean keep-mask the kernels draw for ``seed`` (a one-element int64 tensor on the
+    device). Exists so tests can replay the kernels' dropout in a reference; training never calls it."""
+    mask = torch.empty((B, H, T, S), dtype=torch.int8, device=seed.device)
+    grid = (triton.cdiv(T, 32), triton.cdiv(S, 32), B * H)
+    _dropout_mask_kernel[grid](seed, mask, T, S, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    return mask.bool()
+
+
+def _make_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed drawn from torch's generator, as a device tensor: the kernels read it from
+    memory, so it costs no host sync and torch.compile traces it as an ordinary random op."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Launchers, the autograd function and the torch custom ops
+# ----------------------------------------------------------------------------------------------------
+def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
+    D = q.shape[-1]
+    return dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot wants power-of-two tiles >= 16: pad and mask
+        IS_CAUSAL=causal,
+        HAS_DROPOUT=dropout_p > 0.0,
+        # fp32 inputs use exact fp32 products; TF32 (10-bit mantissa) would lose accuracy silently.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+_tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
+
+
+def _launch(kernel, grid, key: tuple, *args, **kwargs) -> None:
+    """Launch an autotuned kernel. The autotuner runs on the first call of each tuning key; later calls
+    launch its choice directly, skipping the autotuner's per-call bookkeeping (tens of microseconds of
+    Python, as long as a whole attention forward of the char GPT takes on the GPU)."""
+    config = _tuned.get((kernel, key))
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        _tuned[(kernel, key)] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed):
+    """(out, lse): out (B, H, T, D) stored as (B, T, H, D), so merging heads afterwards is a free view;
+    lse (B, H, T) fp32, the natural-log log-sum-exp of each row's scaled scores."""
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    out = _empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = _empty((B, H, T), dtype=torch.float32, device=q.device)
+    consts = _kernel_consts(q, causal, dropout_p)
+    bucket = _seq_bucket(T, S)
+    _launch(
+        _attn_fwd, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H),
+        (bucket, D, causal, dropout_p > 0.0, q.dtype),
+        q, k, v, out, lse, seed if seed is not None else lse,  # without dropout Seed is never read
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, H // H_kv, T, S, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket, **consts,
+    )
+    return out, lse
+
+
+def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, dropout_p: float, seed):
+    """(dq, dk, dv), contiguous. grad_out is read in place with its own strides, never copied."""
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    dq = _empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dk = _empty((B, H_kv, S, D), dtype=k.dtype, device=q.device)
+    dv = _empty((B, H_kv, S, D), dtype=v.dtype, device=q.device)
+    delta = _empty((B, H, T), dtype=torch.float32, device=q.device)
+    consts = _kernel_consts(q, causal, dropout_p)
+    seed_arg = seed if seed is not None else delta
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    bucket = _seq_bucket(T, S)
+    key = (bucket, D, causal, dropout_p > 0.0, q.dtype)
+
+    pre_block = 32 if _interpreting() else 64
+    _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, T,
+        HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_block,
+    )
+    _launch(
+        _attn_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H_kv), key,
+        q, k, v, grad_out, lse, delta, dk, dv, seed_arg,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        H, H_kv, H // H_kv, T, S, sm_scale, sm_scale * LOG2E, dropout_p, inv_keep, bucket, **consts,
+    )
+    _launch(
+        _attn_bwd_dq, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), key,
+        q, k, v, grad_out, lse, delta, dq, seed_arg,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        H, H // H_kv, T, S, sm_scale, sm_scale * LOG2E, dropout_p, inv_keep, bucket, **consts,
+    )
+    return dq, dk, dv
+
+
+class _FlashAttentionFunction(torch.autograd.Function):
+    """The eager path: a plain autograd.Function over the same launchers as the custom ops below.
+    It exists for speed alone: a custom op's Python dispatch and autograd wrapper cost about 100 us
+    per call, more than the whole attention of a small model on the GPU."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed):
+        out, lse = _forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, seed)
+        ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None
+
+
+# The custom ops: what torch.compile sees. Opaque to the compiler, described by their fake (shape-only)
+# implementations, differentiated through register_autograd, so a compiled model has no graph break.
+@torch.library.custom_op("minigpt_kernels::flash_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float, dropout_p: float,
+    seed: Optional[torch.Tensor],  # noqa: UP045 (the schema inference of older torch wants Optional)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
+
+
+@_forward_op.register_fake
+def _(q, k, v, causal, sm_scale, dropout_p, seed):
+    B, H, T, D = q.shape
+    out = q.new_empty((B, T, H, D)).transpose(1, 2)
+    return out, q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("minigpt_kernels::flash_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, sm_scale: float, dropout_p: float,
+    seed: Optional[torch.Tensor],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, q, k, v, out, lse, causal, sm_scale, dropout_p, seed)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, causal, sm_scale, dropout_p, seed):
+    contiguous = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    return contiguous(q), contiguous(k), contiguous(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
+
+
+def _autograd_backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output for the backward pass; it is not differentiated through.
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+@contextlib.contextmanager
+def forced_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2):
+    """Pin every kernel to one tile shape (BLOCK_M queries x BLOCK_N keys), skipping autotuning; for
+    benchmarks that map speed against tile shape. Restores the tuned configs on exit."""
+    kernels = (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)
+    saved = [(kern.configs, kern.cache) for kern in kernels]
+    try:
+        for kern in kernels:
+            kern.configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
+                                          num_stages=num_stages)]
+            kern.cache = {}
+        _tuned.clear()
+        yield
+    finally:
+        for kern, (configs, cache) in zip(kernels, saved):
+            kern.configs, kern.cache = configs, cache
+        _tuned.clear()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must have rank 4 ({'(B, H, T, D)' if name == 'q' else '(B, H_kv, S, D)'}), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"flash_attention: {name}.dtype is {t.dtype}; allowed: float16, bfloat16, float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"flash_attention: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"flash_attention: batch size of k/v ({k.shape[0]}) must equal that of q ({B})")
+    if k.shape[3] != D:
+        raise ValueError(f"flash_attention: head dim of k/v ({k.shape[3]}) must equal that of q ({D})")
+    H_kv, S = k.shape[1], k.shape[2]
+    if H_kv == 0 or H % H_kv != 0:
+        raise ValueError(f"flash_attention: query heads H={H} must be a multiple of kv heads H_kv={H_kv}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head dim D={D} is not supported; allowed: 1 to {MAX_HEAD_DIM}")
+    if min(B, H, T, S, D) < 1:
+        raise ValueError(f"flash_attention: empty inputs are not supported, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise ValueError("flash_attention: q, k, v are CPU tensors; the kernels need a CUDA device "
+                         "(or TRITON_INTERPRET=1 set before importing triton, for the slow interpreter)")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"flash_attention: device {q.device} is not supported; allowed: cuda (cpu with TRITON_INTERPRET=1)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attention: dropout_p={dropout_p} is out of range; allowed: 0 <= dropout_p < 1")
+    if dropout_p > 0.0 and T * S >= 2**31:
+        raise ValueError(f"flash_attention: dropout needs T * S < 2**31 (Philox counters are int32), got T={T}, S={S}")
+    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive finite number or None")
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Fused attention, ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale,
+    dropout_p=dropout_p, enable_gqa=True)`` computed by the Triton kernels above.
+
+    Args:
+        q: (B, H, T, D) queries; k, v: (B, H_kv, S, D) with H % H_kv == 0 (GQA / MQA read shared heads
+            in place). Any strides: views of one fused qkv projection are read without copies.
+            fp16, bf16 or fp32, D up to 128 (D that is not a power of two is padded inside the kernel).
+        causal: mask aligned to the bottom-right corner (query i sees key j <= i + S - T); rows that
+            see no key (T > S) output 0.
+        sm_scale: score scale, default 1 / sqrt(D).
+        dropout_p: attention dropout drawn in the kernel (pass 0.0 in eval). Each call draws a new seed
+            from torch's default generator for the device, so ``torch.manual_seed`` makes it repeatable.
+
+    fp32 inputs use exact fp32 (IEEE) matrix products, never TF32. Results are deterministic: no atomics.
+    Returns the (B, H, T, D) output, laid out in memory as (B, T, H, D).
+    """
+    _validate(q, k, v, causal, sm_scale, dropout_p)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    seed = _make_seed(q.device) if dropout_p > 0.0 else None
+    if torch.compiler.is_compiling():  # traced: the custom op, one node in the graph
+        out, _ = _forward_op(q, k, v, causal, scale, float(dropout_p), seed)
+    else:  # eager: the same kernels through a leaner autograd.Function
+        out, _ = _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed)
+    return out
