@@ -9,7 +9,7 @@ Runs on disk. Everything of one run lives in ``<out_dir>/<run_name>/`` (run_name
 ``<config file name>-<attention backend>``):
 
     config.yaml          the full config of the run
-    metrics.csv          every logged metric, one row per step (Lightning's CSVLogger)
+    metrics.csv          every logged metric with its step (Lightning's CSVLogger; a step can span rows)
     checkpoints/         last.ckpt and the best one by val/loss (best-step=N.ckpt)
     wandb/               the wandb run (offline unless wandb credentials exist or --wandb_mode online)
 
@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from minigpt.attention import resolve_backend
 from minigpt.data import TextDataModule
@@ -45,7 +45,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 # Trainer settings that differ from Lightning's defaults (a config's `trainer:` section overrides them).
 TRAINER_DEFAULTS = {
-    "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+    "precision": None,  # bf16-mixed on a GPU, 32-true on the CPU: settled once the accelerator is known
     "max_steps": 5000,
     "val_check_interval": 250,  # training batches between validations (optimizer steps x accumulation)
     "check_val_every_n_epoch": None,  # the training stream is endless: count steps, not epochs
@@ -94,6 +94,10 @@ class TrainCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None,
             help="Checkpoint to start from: a file, or 'last' for this run's checkpoints/last.ckpt.",
         )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Start a new run in a run folder that already holds one, deleting its checkpoints.",
+        )
         parser.link_arguments("model.block_size", "data.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
@@ -102,6 +106,8 @@ class TrainCLI(LightningCLI):
         cfg = self.config
         accelerator = str(cfg.trainer.get("accelerator") or "auto")
         on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        if cfg.trainer.get("precision") is None:
+            cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
         self.attention_backend = resolve_backend(cfg.model.attention, "cuda" if on_gpu else "cpu")
         if cfg.run_name is None:
             configs = cfg.get("config") or []
@@ -123,14 +129,17 @@ class TrainCLI(LightningCLI):
             if not Path(cfg.ckpt_path).is_file():
                 self.parser.error(f"--ckpt_path {cfg.ckpt_path}: no such checkpoint file")
             self.ckpt_path = cfg.ckpt_path
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            # A new run in an old run's folder: its metrics and checkpoints would mix with the new ones.
-            rank_zero_warn(
-                f"starting a new run in {self.run_dir}: the previous run's metrics.csv and checkpoints/ are "
-                "replaced (to continue it instead, pass --ckpt_path last)"
-            )
-            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        elif (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.csv").exists():
+            # A new run in an old run's folder would replace its checkpoints: only when asked to.
+            if not cfg.overwrite:
+                self.parser.error(
+                    f"{self.run_dir} already holds a run: pass --ckpt_path last to continue it, "
+                    "--run_name NAME to start another beside it, or --overwrite true to replace it"
+                )
+            if rank_zero_only.rank == 0:
+                rank_zero_warn(f"--overwrite: replacing the run in {self.run_dir}")
+                (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:

@@ -523,8 +523,20 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run continues the same stream only on the same text, tokenizer and seed."""
         if state_dict.get("tokenizer", self.tokenizer_name) != self.tokenizer_name:
             raise ValueError(
                 f"data.tokenizer={self.tokenizer_name!r}, but the checkpoint was trained with "
                 f"{state_dict['tokenizer']!r}; resume with the checkpoint's tokenizer"
+            )
+        if state_dict.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"data.seed={self.seed}, but the checkpoint was trained with data.seed={state_dict['seed']}; "
+                "resume with the checkpoint's seed to continue the same data stream"
+            )
+        saved = state_dict.get("fingerprint")
+        if saved is not None and self.meta is not None and saved != self.meta["fingerprint"]:
+            raise ValueError(
+                f"data.source={self.source!r} has changed since the checkpoint was written (its text or "
+                "build settings differ); resume on the same data, or start a new run"
             )

@@ -12,6 +12,7 @@ in the checkpoint to restore.
 """
 
 import math
+import os
 import platform
 from typing import Literal
 
@@ -101,7 +102,8 @@ class GPTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device  # the module itself still sits on the CPU here
         self.attention_backend = resolve_backend(self.hparams.attention, device)
-        self._base_seed = torch.initial_seed()  # seed_everything's value when the run was seeded
+        # the run's seed (seed_everything records it in PL_GLOBAL_SEED), not whatever was seeded last
+        self._base_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -129,14 +131,16 @@ class GPTModule(L.LightningModule):
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
+        """The project's callbacks, except those the user configured under trainer.callbacks (Lightning
+        would replace the user's with ours: e.g. AttentionTimingCallback(every_n_steps=1) must win)."""
         from minigpt.callbacks import ThroughputMonitor
+        from minigpt.timing import AttentionTimingCallback
 
-        callbacks: list[L.Callback] = [ThroughputMonitor()]
+        wanted: list[L.Callback] = [ThroughputMonitor()]
         if self.hparams.time_attention:
-            from minigpt.timing import AttentionTimingCallback
-
-            callbacks.append(AttentionTimingCallback())
-        return callbacks
+            wanted.append(AttentionTimingCallback())
+        configured = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        return [c for c in wanted if type(c) not in configured]
 
     # ---- steps ------------------------------------------------------------------------------------------
 

@@ -34,7 +34,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", attent
         raise ValueError(f"{path} is not a minigpt training checkpoint (no hyper_parameters or tokenizer)")
     hp = ckpt["hyper_parameters"]
     shape = {f.name: hp[f.name] for f in dataclasses.fields(GPTConfig) if f.name in hp}
-    shape["attention"] = resolve_backend(attention or shape.get("attention", "auto"), device)
+    backend = resolve_backend(attention or shape.get("attention", "auto"), device)
+    if attention is None and backend == "triton" and torch.device(device).type != "cuda":
+        backend = "sdpa"  # trained with the Triton kernel, which needs a GPU: SDPA computes the same
+    shape["attention"] = backend
     shape["dropout"] = 0.0
     model = GPT(GPTConfig(**shape))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="< 1 sharper, > 1 flatter, 0 greedy")
-    parser.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+    parser.add_argument("--top_k", type=int, default=200, help="sample among the k most likely (0: all)")
     parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep this much mass")
     parser.add_argument("--num_samples", type=int, default=1, help="samples to draw (in one batch)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampler")
@@ -103,6 +106,13 @@ def main(argv: list[str] | None = None) -> list[str]:
         parser.error(f"--max_new_tokens {args.max_new_tokens}: must be >= 0")
     if args.num_samples < 1:
         parser.error(f"--num_samples {args.num_samples}: must be >= 1")
+    if args.temperature < 0:
+        parser.error(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        parser.error(f"--top_k {args.top_k}: must be >= 0 (0 keeps every token)")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        parser.error(f"--top_p {args.top_p}: must be in (0, 1]")
+    top_k = args.top_k or None
     device = torch.device(args.device)
     model, enc = load_checkpoint(args.ckpt, device, args.attention)
     prompt = enc.encode(args.prompt, allowed_special="all")
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
         out = generate(
-            model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+            model, idx, args.max_new_tokens, args.temperature, top_k, args.top_p, generator,
             progress=not args.no_progress,
         )
     texts = [enc.decode(row.tolist()) for row in out]

@@ -1,6 +1,7 @@
 """The GPT model: shapes, init, backend agreement, KV-cache generation, sampling filters and errors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -97,6 +98,33 @@ def test_greedy_generate_with_and_without_kv_cache(backend, options):
     assert torch.equal(with_cache[:, :5], prompt)
     assert torch.equal(with_cache, without)
     assert len(set(with_cache[:, 5:].flatten().tolist())) > 1  # a real sequence, not one repeated token
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernel in the interpreter")
+def test_triton_backend_in_the_model_matches_sdpa():
+    """The model's triton path on the CPU (Triton's interpreter, fp32): q, k, v as strided views of c_attn,
+    grouped-query heads, and T=1 decode steps against the KV cache."""
+    x, y = tokens(2, 24), tokens(2, 24, seed=2)
+    results = {}
+    for backend in ("sdpa", "triton"):
+        model = make_model(n_kv_head=2, attention=backend)
+        logits, loss = model(x, y)
+        loss.backward()
+        results[backend] = (logits, {n: p.grad for n, p in model.named_parameters()})
+    (logits_a, grads_a), (logits_b, grads_b) = results["sdpa"], results["triton"]
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-4, rtol=1e-4)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-4, rtol=1e-3, msg=name)
+
+    model = make_model(n_kv_head=2, attention="triton")
+    with torch.no_grad():  # sharper attention, as in the generate test above
+        for p in model.parameters():
+            p.mul_(10.0 if p.dim() >= 2 else 1.0)
+    prompt = tokens(2, 5)
+    triton_tokens = model.generate(prompt, 10, temperature=0.0)
+    for block in model.transformer.h:
+        block.attn.backend = "sdpa"
+    assert torch.equal(triton_tokens, model.generate(prompt, 10, temperature=0.0))
 
 
 def test_kv_cache_logits_match_full_forward():

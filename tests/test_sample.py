@@ -78,3 +78,15 @@ def test_prompt_longer_than_block_size_fails_clearly(checkpoint, capsys):
         main(["--ckpt", str(checkpoint), "--prompt", "x" * 33])
     assert e.value.code == 2
     assert "--prompt is 33 tokens, longer than the model's block_size=32" in capsys.readouterr().err
+
+
+def test_a_triton_checkpoint_samples_on_the_cpu(checkpoint, tmp_path):
+    """A run trained with the Triton kernel samples on a machine without a GPU, through SDPA."""
+    from minigpt.sample import load_checkpoint
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["attention"] = "triton"
+    path = tmp_path / "triton.ckpt"
+    torch.save(ckpt, path)
+    model, _ = load_checkpoint(path, "cpu")
+    assert {block.attn.backend for block in model.transformer.h} == {"sdpa"}

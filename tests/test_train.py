@@ -184,6 +184,20 @@ def test_missing_checkpoint_fails_clearly(workdir, capsys):
     assert "nope.ckpt: no such checkpoint file" in capsys.readouterr().err
 
 
+def test_a_new_run_never_replaces_an_old_one_unasked(tiny_run, workdir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(workdir, "--run_name", "straight"))
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--ckpt_path last" in err and "--overwrite true" in err
+    assert (tiny_run / "checkpoints" / "last.ckpt").is_file(), "the old run's checkpoints are kept"
+
+
+def test_resume_on_another_data_seed_fails_clearly(tiny_run, workdir):
+    with pytest.raises(ValueError, match="data.seed=7"):
+        main(tiny_args(workdir, "--run_name", "straight", "--ckpt_path", "last", "--data.seed", "7"))
+
+
 def test_print_config_shows_every_section(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", TINY, "--print_config"])
