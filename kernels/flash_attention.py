@@ -615,6 +615,19 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
     return dq, dk, dv
 
 
+def _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse) -> None:
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
+
+
+def _input_grads(ctx, grad_out, backward) -> tuple:
+    """(dq, dk, dv, None x 4) through `backward` (the launcher, or the custom op that wraps it). The lse
+    output only serves the backward pass: it is not differentiated through."""
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
 class _FlashAttentionFunction(torch.autograd.Function):
     """The eager path: a plain autograd.Function over the same launchers as the custom ops below.
     It exists for speed alone: a custom op's Python dispatch and autograd wrapper cost about 100 us
@@ -623,16 +636,13 @@ class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed):
         out, lse = _forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, seed)
-        ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
+        _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
-        return dq, dk, dv, None, None, None, None
+        return _input_grads(ctx, grad_out, _backward_impl)
 
 
 # The custom ops: what torch.compile sees. Opaque to the compiler, described by their fake (shape-only)
@@ -667,21 +677,10 @@ def _(grad_out, q, k, v, out, lse, causal, sm_scale, dropout_p, seed):
     return contiguous(q), contiguous(k), contiguous(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
-
-
-def _autograd_backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output for the backward pass; it is not differentiated through.
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
-
-
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward_op.register_autograd(
+    lambda ctx, grad_out, grad_lse: _input_grads(ctx, grad_out, _backward_op),
+    setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, *inputs, *output),
+)
 
 
 @contextlib.contextmanager
