@@ -3,10 +3,10 @@
     python -m minigpt.compare --config configs/shakespeare_char.yaml [--group NAME] [overrides ...]
 
 Both runs use the same config, seed and data order and differ only in ``--model.attention``. Each trains
-in its own process (``python train.py ...``), so CUDA state, compile caches and memory never carry over
-from one run to the other. They are named ``<group>-<backend>`` and share the wandb group ``<group>``.
-Any argument this command does not know (``--trainer.max_steps 200``, ``--data.batch_size 32`` ...) goes
-to both runs.
+in its own process (``python -m minigpt.cli ...``, the command behind train.py), so CUDA state, compile
+caches and memory never carry over from one run to the other. They are named ``<group>-<backend>`` and
+share the wandb group ``<group>``. Any argument this command does not know (``--trainer.max_steps 200``,
+``--data.batch_size 32`` ...) goes to both runs.
 
 At the end it reads both runs' ``metrics.csv`` and prints a side-by-side table (final train loss, best and
 final val loss, tokens/s, median attention forward and backward ms over the timed steps (the logged ones,
@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN_BACKENDS = ("triton", "sdpa", "naive")
 
 # name in the table, metric key in the summary, how to format it
@@ -103,11 +102,8 @@ def config_seed(config: str) -> int | None:
 
 
 def train_command(args: argparse.Namespace, backend: str, extra: list[str]) -> list[str]:
-    """The ``python train.py ...`` command of one run."""
-    train_py = ROOT / "train.py"
-    if not train_py.is_file():
-        train_py = Path("train.py")
-    cmd = [sys.executable, str(train_py), "--config", args.config, *extra]
+    """The training command of one run: ``python -m minigpt.cli ...``, the command behind train.py."""
+    cmd = [sys.executable, "-m", "minigpt.cli", "--config", args.config, *extra]
     # the seed spelled out, so that both runs share it whatever train.py's default is
     if args.seed is not None or not any(a.split("=")[0] == "--seed_everything" for a in extra):
         seed = args.seed if args.seed is not None else config_seed(args.config)

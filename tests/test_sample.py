@@ -1,11 +1,11 @@
 """The sampling CLI: a checkpoint alone gives text of exactly the requested length; clear errors."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from minigpt.cli import main as main_train
 from minigpt.sample import SEPARATOR, main
 from minigpt.tokenizer import tokenizer_from_dict
 
@@ -17,15 +17,12 @@ def checkpoint(tmp_path_factory) -> Path:
     """last.ckpt of a 10-step tiny.yaml run on a slice of the built-in corpus."""
     from minigpt.data import shakespeare_text
 
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     root = tmp_path_factory.mktemp("sample")
     (root / "corpus.txt").write_text(shakespeare_text()[:200_000])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only add overhead
     try:
-        train.main([
+        main_train([
             "--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "10",
             "--data.source", str(root / "corpus.txt"), "--data.cache_dir", str(root / "data"),
             "--out_dir", str(root / "runs"), "--run_name", "tiny", "--wandb_mode", "disabled",

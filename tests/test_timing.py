@@ -284,10 +284,7 @@ def test_callback_checks_its_argument():
         AttentionTimingCallback(every_n_steps=0)
 
 
-# ---- integration: a tiny training run through train.py ---------------------------------------------
-needs_train = pytest.mark.skipif(not (ROOT / "train.py").is_file(), reason="train.py not written yet")
-
-
+# ---- integration: a tiny run of the training command --------------------------------------------------
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory) -> Path:
     """One token cache for the module's runs: the corpus is built once."""
@@ -295,28 +292,8 @@ def data_cache(tmp_path_factory) -> Path:
 
 
 def tiny_args(out_dir: Path, data_cache: Path) -> list[str]:
-    """A run of a few seconds on CPU: configs/tiny.yaml where it exists, the same settings spelled out."""
-    tiny = ROOT / "configs" / "tiny.yaml"
-    args = (
-        ["--config", str(tiny)]
-        if tiny.is_file()
-        else [
-            "--model.block_size",
-            "32",
-            "--model.n_layer",
-            "2",
-            "--model.n_head",
-            "2",
-            "--model.n_embd",
-            "64",
-            "--data.batch_size",
-            "8",
-            "--data.val_batches",
-            "4",
-            "--trainer.num_sanity_val_steps",
-            "0",
-        ]
-    )
+    """A run of a few seconds on CPU."""
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml")]
     return args + [
         "--trainer.max_steps", "6",
         "--trainer.val_check_interval", "3",
@@ -328,14 +305,12 @@ def tiny_args(out_dir: Path, data_cache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@needs_train
 @pytest.mark.parametrize("backend", ["sdpa", "naive"])
 def test_training_logs_attention_time_for_every_step(tmp_path, data_cache, backend, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # train.py sits at the repository root, outside the package
-    monkeypatch.chdir(tmp_path)
-    import train
+    from minigpt.cli import main
 
-    train.main(tiny_args(tmp_path / "runs", data_cache) + ["--model.attention", backend, "--run_name", "t"])
+    monkeypatch.chdir(tmp_path)
+    main(tiny_args(tmp_path / "runs", data_cache) + ["--model.attention", backend, "--run_name", "t"])
     run = tmp_path / "runs" / "t"
     rows = [r for r in read_csv(run / "metrics.csv") if r.get("attn/fwd_ms")]
     assert sorted(int(r["step"]) for r in rows) == list(range(6))

@@ -5,7 +5,6 @@ temporary folders. One 30-step run serves several tests.
 """
 
 import csv
-import importlib.util
 import math
 import struct
 from pathlib import Path
@@ -13,19 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from minigpt.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-
-
-def _load_train():
-    # train.py is a script at the repository root, not part of the installed package
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-main = _load_train().main
 
 
 def read_metric(run_dir: Path, key: str) -> dict[int, float]:

@@ -1,0 +1,253 @@
+"""The training command line: ``python train.py --config configs/<name>.yaml [--section.key value ...]``
+(``train.py`` at the repository root, ``python -m minigpt.cli`` or the ``minigpt-train`` script: all the
+same command).
+
+A LightningCLI over ``GPTModule`` (the ``model:`` section) and ``TextDataModule`` (``data:``), with the
+Trainer's arguments under ``trainer:``; ``--print_config`` shows every key with its value. One command, no
+subcommand: it fits. ``model.block_size`` sets ``data.block_size``; the tokenizer sets
+``model.vocab_size``.
+
+Runs on disk. Everything of one run lives in ``<out_dir>/<run_name>/`` (run_name defaults to
+``<config file name>-<attention backend>``):
+
+    config.yaml          the full config of the run
+    metrics.csv          every logged metric with its step (Lightning's CSVLogger; a step can span rows)
+    checkpoints/         last.ckpt and the best one by val/loss (best-step=N.ckpt)
+    wandb/               the wandb run (offline unless wandb credentials exist or --wandb_mode online)
+
+``--ckpt_path last`` resumes this run from its ``last.ckpt`` and continues the same trajectory (same
+batches, same dropout masks); ``--ckpt_path <file>`` starts from any checkpoint.
+"""
+
+import csv
+import netrc
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from minigpt.attention import resolve_backend
+from minigpt.data import TextDataModule
+from minigpt.module import GPTModule
+
+# The run folder is ours to manage (see RunCSVLogger and TrainCLI.before_instantiate_classes).
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+# Trainer settings that differ from Lightning's defaults (a config's `trainer:` section overrides them).
+TRAINER_DEFAULTS = {
+    "precision": None,  # bf16-mixed on a GPU, 32-true on the CPU: settled once the accelerator is known
+    "max_steps": 5000,
+    "val_check_interval": 250,  # training batches between validations (optimizer steps x accumulation)
+    "check_val_every_n_epoch": None,  # the training stream is endless: count steps, not epochs
+    "log_every_n_steps": 10,
+    "gradient_clip_val": 1.0,
+}
+
+
+def wandb_has_credentials() -> bool:
+    """Whether wandb can log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """`auto` -> WANDB_MODE if set, else online with credentials, offline without."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"wandb_mode={mode!r}; allowed: {WANDB_MODES}")
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if wandb_has_credentials() else "offline"
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI with the run options of this project and the run folder layout of the module doc."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name", type=str | None, default=None,
+            help="Run folder name under out_dir (default: <config file name>-<attention backend>).",
+        )
+        parser.add_argument("--group", type=str | None, default=None, help="wandb group of the run.")
+        parser.add_argument("--out_dir", type=str, default="runs", help="Folder of the run folders.")
+        parser.add_argument(
+            "--wandb_mode", type=str, default="auto", choices=WANDB_MODES,
+            help="auto: online when wandb credentials exist, else offline; disabled: no wandb.",
+        )
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None,
+            help="Checkpoint to start from: a file, or 'last' for this run's checkpoints/last.ckpt.",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Start a new run in a run folder that already holds one, deleting its checkpoints.",
+        )
+        parser.link_arguments("model.block_size", "data.block_size")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Settle the run folder and the checkpoint before any data or model work."""
+        cfg = self.config
+        accelerator = str(cfg.trainer.get("accelerator") or "auto")
+        on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        if cfg.trainer.get("precision") is None:
+            cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+        self.attention_backend = resolve_backend(cfg.model.attention, "cuda" if on_gpu else "cpu")
+        if cfg.run_name is None:
+            configs = cfg.get("config") or []
+            stem = Path(str(configs[-1])).stem if configs else "minigpt"
+            cfg.run_name = f"{stem}-{self.attention_backend}"
+        self.run_dir = Path(cfg.out_dir) / cfg.run_name
+
+        self.ckpt_path = None
+        if cfg.ckpt_path == "last":
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                runs = sorted(p.name for p in Path(cfg.out_dir).glob("*"))
+                self.parser.error(
+                    f"--ckpt_path last: no checkpoint at {last}; train this run first, or check --run_name "
+                    f"and --out_dir (run folders in {cfg.out_dir}: {runs})"
+                )
+            self.ckpt_path = str(last)
+        elif cfg.ckpt_path is not None:
+            if not Path(cfg.ckpt_path).is_file():
+                self.parser.error(f"--ckpt_path {cfg.ckpt_path}: no such checkpoint file")
+            self.ckpt_path = cfg.ckpt_path
+        elif (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.csv").exists():
+            # A new run in an old run's folder would replace its checkpoints: only when asked to.
+            if not cfg.overwrite:
+                self.parser.error(
+                    f"{self.run_dir} already holds a run: pass --ckpt_path last to continue it, "
+                    "--run_name NAME to start another beside it, or --overwrite true to replace it"
+                )
+            if rank_zero_only.rank == 0:
+                rank_zero_warn(f"--overwrite: replacing the run in {self.run_dir}")
+                (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The Trainer with this run's loggers (CSV + wandb) and checkpoints, in the run folder."""
+        cfg = self.config
+        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_cfg.get("logger") in (None, True):
+            resume_step = None
+            if self.ckpt_path:  # mmap: reads the step without loading the tensors
+                ckpt = torch.load(self.ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+                resume_step = ckpt.get("global_step")
+            loggers = [RunCSVLogger(self.run_dir, resume_step)]
+            self.wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
+            if self.wandb_mode != "disabled":
+                os.environ["WANDB_MODE"] = self.wandb_mode  # never ask for a login, never reach out offline
+                os.environ.setdefault("WANDB_SILENT", "true")
+                wandb_logger = WandbLogger(
+                    project="minigpt", name=cfg.run_name, save_dir=str(self.run_dir), group=cfg.group,
+                    id=self._wandb_run_id() if self.ckpt_path else None, mode=self.wandb_mode,
+                )
+                wandb_logger._wandb_init.pop("anonymous", None)  # deprecated in wandb: it warns if passed
+                loggers.append(wandb_logger)
+            trainer_cfg["logger"] = loggers
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if trainer_cfg.get("enable_checkpointing") is not False:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=self.run_dir / "checkpoints", filename="best-{step}", monitor="val/loss",
+                    mode="min", save_top_k=1, save_last=True,
+                )
+            )
+        if trainer_cfg.get("default_root_dir") is None:
+            trainer_cfg["default_root_dir"] = str(self.run_dir)
+        return self._instantiate_trainer(trainer_cfg, callbacks)
+
+    def _wandb_run_id(self) -> str | None:
+        """The id of this run folder's latest wandb run, so that a resumed run logs into the same one."""
+        latest = self.run_dir / "wandb" / "latest-run"
+        if latest.is_symlink() or latest.is_dir():
+            return latest.resolve().name.rsplit("-", 1)[-1]  # offline-run-<date>_<time>-<id>
+        return None
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing `<run>/metrics.csv`, which keeps, when a run resumes at step
+    `resume_step`, the rows of the steps before it (Lightning's own deletes the file)."""
+
+    def __init__(self, save_dir: str | Path, resume_step: int | None = None):
+        super().__init__(save_dir, name="", version="")
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        keys, rows = [], []
+        if self._resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys = list(reader.fieldnames or [])
+                rows = [r for r in reader if r.get("step") and int(r["step"]) < self._resume_step]
+        experiment = super().experiment  # removes metrics.csv
+        if keys:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            experiment.metrics_keys = sorted(keys)  # later rows append under this header
+        return experiment
+
+
+def finish_wandb(failed: bool = False) -> None:
+    """Close the wandb run (Lightning leaves it open), so its files are complete and a next run in the
+    same process starts a new one rather than reusing it."""
+    wandb = sys.modules.get("wandb")  # never imported when wandb is disabled
+    if wandb is None or wandb.run is None:
+        return
+    offline, folder = wandb.run.settings.mode == "offline", Path(wandb.run.dir).parent  # dir: <run>/files
+    wandb.finish(exit_code=1 if failed else 0)
+    if offline:
+        rank_zero_info(f"wandb: offline run saved; upload it with: wandb sync {folder}")
+
+
+def main(args: list[str] | None = None) -> L.Trainer:
+    """Parse `args` (default: the command line), train, and return the Trainer."""
+    cli = TrainCLI(
+        GPTModule,
+        TextDataModule,
+        run=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=1337,
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in its folder
+        auto_configure_optimizers=False,  # GPTModule configures its own optimizer and schedule
+        parser_kwargs={"prog": "train.py", "description": "Train a GPT (minigpt)."},
+        args=args,
+    )
+    failed = True
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
+        failed = False
+    finally:
+        finish_wandb(failed)
+    return cli.trainer
+
+
+if __name__ == "__main__":
+    main()
