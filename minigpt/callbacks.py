@@ -2,7 +2,7 @@
 
 Attention timing (``attn/*``, ``perf/step_ms``) lives in ``minigpt.timing``.
 
-ThroughputMonitor measures wall time over windows of optimizer steps rather than per step. Timing one
+ThroughputLogger measures wall time over windows of optimizer steps rather than per step. Timing one
 step on a GPU needs a device synchronization at each end (the CPU runs ahead of the GPU), and a sync on
 every step stalls the launch queue. A window ends on a step at which the loggers write: they read the
 logged loss there, which synchronizes anyway, so the one ``torch.cuda.synchronize()`` per window costs
@@ -42,7 +42,7 @@ def peak_tflops(device: torch.device | str | None = None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-class ThroughputMonitor(L.Callback):
+class ThroughputLogger(L.Callback):
     """Logs ``perf/tokens_per_s`` and, on a GPU whose peak is known, ``perf/mfu`` (model FLOPs utilization:
     ``GPT.flops_per_token() * tokens/s / peak``, a fraction in [0, 1]), once per window of optimizer steps.
 

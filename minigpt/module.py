@@ -133,10 +133,10 @@ class GPTModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The project's callbacks, except those the user configured under trainer.callbacks (Lightning
         would replace the user's with ours: e.g. AttentionTimingCallback(every_n_steps=1) must win)."""
-        from minigpt.callbacks import ThroughputMonitor
+        from minigpt.callbacks import ThroughputLogger
         from minigpt.timing import AttentionTimingCallback
 
-        wanted: list[L.Callback] = [ThroughputMonitor()]
+        wanted: list[L.Callback] = [ThroughputLogger()]
         if self.hparams.time_attention:
             wanted.append(AttentionTimingCallback())
         configured = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
