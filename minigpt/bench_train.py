@@ -43,9 +43,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from minigpt.attention import resolve_backend
 from minigpt.callbacks import peak_tflops
-from minigpt.cli import TRAINER_DEFAULTS, TrainCLI
+from minigpt.cli import TRAINER_DEFAULTS, TrainCLI, settle_device_defaults
 from minigpt.data import TextDataModule
 from minigpt.module import GPTModule
 from minigpt.timing import AttentionTimer
@@ -96,17 +95,13 @@ class BenchCLI(TrainCLI):
         parser.add_argument("--json", type=str | None, default=None, help="Also write the numbers to a file.")
 
     def before_instantiate_classes(self) -> None:
-        # train.py's precision rule (no run folder, no checkpoint: nothing is written)
+        # train.py's device defaults, but no run folder and no checkpoint: nothing is written
         cfg = self.config
         if cfg.steps < 1:
             self.parser.error(f"--steps must be >= 1, got {cfg.steps}")
         if cfg.warmup < 0:
             self.parser.error(f"--warmup must be >= 0, got {cfg.warmup}")
-        accelerator = str(cfg.trainer.get("accelerator") or "auto")
-        on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-        if cfg.trainer.get("precision") is None:
-            cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
-        self.attention_backend = resolve_backend(cfg.model.attention, "cuda" if on_gpu else "cpu")
+        self.attention_backend = settle_device_defaults(cfg)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         # The Trainer only supplies the device, the precision and the clipping settings; one device.
@@ -142,40 +137,45 @@ def bench(
 
     def step(index: int) -> dict:
         wall = time.perf_counter()
-        parts = dict.fromkeys(("data_ms", "fwd_bwd_ms"), 0.0)
-        start = last = clock.mark()
+        # boundaries: the start, then per micro-batch "copied" and "done", then the end; each part of the
+        # step lies between two of them, so the parts add up to the step
+        marks = [clock.mark()]
         if timer is not None:
             timer.start_step(index, device)
         for _ in range(accumulate):
             x, y = next(batches)
-            x = x.to(device, non_blocking=True)  # pinned on CUDA: the copy overlaps nothing else here
+            x = x.to(device, non_blocking=True)  # pinned on CUDA
             y = y.to(device, non_blocking=True)
-            copied = clock.mark()
+            marks.append(clock.mark())
             with trainer.precision_plugin.forward_context():
                 _, loss = model(x, y)
             (loss / accumulate).backward()
-            done = clock.mark()
-            parts["data_ms"] += clock.ms(last, copied)
-            parts["fwd_bwd_ms"] += clock.ms(copied, done)
-            last = done
+            marks.append(clock.mark())
+        # as GPTModule: the gradient norm every step (it is logged), clipping by it when configured
         params = [p for p in model.parameters() if p.grad is not None]
-        if clip_val:  # as GPTModule: the norm before clipping, then clip by it
-            if clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, clip_val)
-            else:
-                torch.nn.utils.clip_grads_with_norm_(params, clip_val, torch.nn.utils.get_total_norm(params))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if clip_val and clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+        elif clip_val:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_val, norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        end = clock.mark()
+        marks.append(clock.mark())
         if timer is not None:
             timer.end_step()
         if clock.cuda:
             torch.cuda.synchronize(device)  # once per step, after its last event: see the module doc
-        parts["optimizer_ms"] = clock.ms(last, end)
-        parts["step_ms"] = clock.ms(start, end)
-        parts["wall_ms"] = (time.perf_counter() - wall) * 1e3
-        parts["loss"] = loss.item()
+        wall_ms = (time.perf_counter() - wall) * 1e3
+        spans = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]  # data, fwd+bwd, ..., optimizer
+        parts = {
+            "data_ms": sum(spans[0:-1:2]),
+            "fwd_bwd_ms": sum(spans[1:-1:2]),
+            "optimizer_ms": spans[-1],
+            "step_ms": clock.ms(marks[0], marks[-1]),
+            "wall_ms": wall_ms,
+            "loss": loss.item(),
+        }
         if timer is not None:
             (attn,) = timer.flush()
             parts["attn_fwd_ms"], parts["attn_bwd_ms"] = attn.fwd_ms, attn.bwd_ms

@@ -78,6 +78,16 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if wandb_has_credentials() else "offline"
 
 
+def settle_device_defaults(cfg) -> str:
+    """Fill in what depends on the accelerator: the precision (bf16-mixed on a GPU, 32-true on the CPU,
+    unless the config sets one); returns the attention backend that `model.attention` means there."""
+    accelerator = str(cfg.trainer.get("accelerator") or "auto")
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if cfg.trainer.get("precision") is None:
+        cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+    return resolve_backend(cfg.model.attention, "cuda" if on_gpu else "cpu")
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI with the run options of this project and the run folder layout of the module doc."""
 
@@ -106,11 +116,7 @@ class TrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Settle the run folder and the checkpoint before any data or model work."""
         cfg = self.config
-        accelerator = str(cfg.trainer.get("accelerator") or "auto")
-        on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-        if cfg.trainer.get("precision") is None:
-            cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
-        self.attention_backend = resolve_backend(cfg.model.attention, "cuda" if on_gpu else "cpu")
+        self.attention_backend = settle_device_defaults(cfg)
         if cfg.run_name is None:
             configs = cfg.get("config") or []
             stem = Path(str(configs[-1])).stem if configs else "minigpt"
