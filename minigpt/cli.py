@@ -185,10 +185,9 @@ class TrainCLI(LightningCLI):
 
     def _wandb_run_id(self) -> str | None:
         """The id of this run folder's latest wandb run, so that a resumed run logs into the same one."""
-        latest = self.run_dir / "wandb" / "latest-run"
-        if latest.is_symlink() or latest.is_dir():
-            return latest.resolve().name.rsplit("-", 1)[-1]  # offline-run-<date>_<time>-<id>
-        return None
+        # each wandb run folder holds run-<id>.wandb (the folder name may carry a -N suffix, so not from it)
+        logs = sorted((self.run_dir / "wandb" / "latest-run").glob("run-*.wandb"))
+        return logs[0].stem.removeprefix("run-") if logs else None
 
 
 class RunCSVLogger(CSVLogger):

@@ -153,7 +153,8 @@ def test_resume_continues_the_same_trajectory(tiny_run, workdir):
     )
     # the resumed leg logs into the same wandb run: two offline folders of one run id
     folders = list((workdir / "runs" / "resumed" / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and len({p.name.rsplit("-", 1)[-1] for p in folders}) == 1, folders
+    run_ids = {log.stem for folder in folders for log in folder.glob("run-*.wandb")}
+    assert len(folders) == 2 and len(run_ids) == 1, (folders, run_ids)
 
 
 def test_unknown_config_key_fails_clearly(workdir, capsys):
