@@ -17,10 +17,10 @@ Providers
 A provider that is missing, unsupported on this torch, out of memory or failing is reported as n/a.
 
 Method: the median of `triton.testing.do_bench` (CUDA events, L2 cache flushed between runs) after one
-untimed call that compiles and autotunes. Inputs are seeded `randn`, one set per shape, shared by all
-providers. The forward pass runs with gradients enabled, as in training. FLOPs: forward 4*B*H*T*S*D (two
-matrix products of 2*T*S*D per head), halved for causal; backward 2.5x forward (five products instead of
-two); forward+backward 3.5x forward.
+untimed call that compiles and autotunes, and 500 ms of warm-up that brings the GPU clock back up. Inputs
+are seeded `randn`, one set per shape, shared by all providers. The forward pass runs with gradients
+enabled, as in training. FLOPs: forward 4*B*H*T*S*D (two matrix products of 2*T*S*D per head), halved for
+causal; backward 2.5x forward (five products instead of two); forward+backward 3.5x forward.
 
 Outputs (under --out): bench.csv/json (the table), sweep.csv/json + sweep_d{64,128}_{mode}.png
 (--sweep: TFLOP/s against T at B*T = 16384 tokens, H*D = 2048), heatmap.json + heatmap.png (--heatmap:
@@ -260,7 +260,10 @@ def time_mode(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     step()  # compile and autotune outside the timed runs
     torch.cuda.synchronize()
-    return float(do_bench(step, grad_to_none=[q, k, v], return_mode="median"))
+    # Compiling and autotuning can take seconds, in which the idle GPU drops its clock (an H100 to 345 MHz
+    # from 1980): half a second of warm-up brings it back before the timed runs (do_bench's default 25 ms
+    # read our char-GPT forward 5x slow).
+    return float(do_bench(step, warmup=500, grad_to_none=[q, k, v], return_mode="median"))
 
 
 def _short(e: BaseException) -> str:
