@@ -72,8 +72,8 @@ class GPTModule(L.LightningModule):
             weight_decay: AdamW weight decay of the matrices (biases and norm gains are not decayed).
             betas: AdamW betas.
             compile: torch.compile the GPT (the first steps then take longer while it compiles).
-            time_attention: log the forward and backward time of attention per step (attn/*); in a compiled
-                model this breaks the graph at every attention call.
+            time_attention: log the forward and backward time of attention (attn/*) on the logged steps; in
+                a compiled model those steps run a variant with a graph break at every attention call.
         """
         super().__init__()
         if not 0.0 <= min_lr <= learning_rate:
