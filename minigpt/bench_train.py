@@ -46,7 +46,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from minigpt.callbacks import peak_tflops
 from minigpt.cli import TRAINER_DEFAULTS, TrainCLI, settle_device_defaults
 from minigpt.data import TextDataModule
-from minigpt.module import GPTModule
+from minigpt.module import GPTModule, clip_gradients
 from minigpt.timing import AttentionTimer
 
 # (key in the result, name in the table) of the parts of a step, in the order a step runs them
@@ -154,10 +154,7 @@ def bench(
         # as GPTModule: the gradient norm every step (it is logged), clipping by it when configured
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if clip_val and clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, clip_val)
-        elif clip_val:
-            torch.nn.utils.clip_grads_with_norm_(params, clip_val, norm)
+        clip_gradients(params, clip_val, clip_algorithm, norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

@@ -176,13 +176,8 @@ class GPTModule(L.LightningModule):
     ) -> None:
         # Clipped here rather than by Lightning's precision plugin, which refuses fused optimizers even
         # under bf16, where no gradient scaling happens. Reuses the norm computed for logging.
-        if not gradient_clip_val:
-            return
         params = [p for p in self.parameters() if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
+        clip_gradients(params, gradient_clip_val, gradient_clip_algorithm, self._grad_norm)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -227,6 +222,18 @@ class GPTModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             checkpoint["tokenizer"] = tokenizer_to_dict(datamodule.tokenizer)
+
+
+def clip_gradients(
+    params: list[torch.Tensor], clip_val: float | None, algorithm: str | None, total_norm: torch.Tensor
+) -> None:
+    """Clip the gradients of `params` by value, or by norm using their already computed `total_norm`."""
+    if not clip_val:
+        return
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_val, total_norm)
 
 
 def _cpu_name() -> str:
