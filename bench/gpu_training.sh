@@ -3,7 +3,8 @@
 #
 #   bench/gpu_training.sh tests      every `gpu` test of the suite (kernels, model, training, zoo, bench)
 #   bench/gpu_training.sh compare    python -m minigpt.compare on shakespeare_char.yaml, then a sample
-#   bench/gpu_training.sh profile    python -m minigpt.bench_train: the char GPT with triton, sdpa, compiled
+#   bench/gpu_training.sh profile    python -m minigpt.bench_train: the char GPT with triton and sdpa, eager,
+#                                    timed, and compiled into CUDA graphs
 #   bench/gpu_training.sh compare,profile
 #
 # Each mode fits in about ten minutes on one H100. Runs from the repository root without installing
@@ -41,12 +42,18 @@ if want compare; then
     --max_new_tokens 500 --temperature 0.8 --top_k 200 --no_progress > "$OUT/sample.txt" 2>&1
 fi
 if want profile; then
+  # the char GPT eager, then with attention timed (its cost), then compiled with CUDA graphs
+  prof() {  # result name, then bench_train arguments
+    local name=$1
+    shift
+    $PY -m minigpt.bench_train --config configs/shakespeare_char.yaml --steps 100 --warmup 20 "$@" \
+      --json "$OUT/profile_char_$name.json" 2>&1 | grep -v Warning | tee -a "$OUT/profile.log"
+  }
   for attention in triton sdpa; do
-    $PY -m minigpt.bench_train --config configs/shakespeare_char.yaml --model.attention $attention \
-      --json "$OUT/profile_char_$attention.json" 2>&1 | tee -a "$OUT/profile.log"
+    prof "${attention}_eager" --model.attention $attention --model.time_attention false
+    prof "${attention}_eager_timed" --model.attention $attention
+    prof "${attention}_graphs" --model.attention $attention --model.time_attention false \
+      --model.compile true --model.compile_mode reduce-overhead
   done
-  $PY -m minigpt.bench_train --config configs/shakespeare_char.yaml --model.attention triton \
-    --model.compile true --model.time_attention false --warmup 20 \
-    --json "$OUT/profile_char_triton_compiled.json" 2>&1 | tee -a "$OUT/profile.log"
 fi
 exit "$status"

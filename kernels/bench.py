@@ -90,6 +90,7 @@ class Result:
     mode: str
     causal: bool = True
     dtype: str = "bf16"
+    dropout: float = 0.0
     ms: float | None = None
     tflops: float | None = None
     ratio: float | None = None  # SDPA default's ms / this ms: above 1 is faster than SDPA default
@@ -155,13 +156,18 @@ def _flex():
 
 
 def make_provider(
-    name: str, q: torch.Tensor, k: torch.Tensor, causal: bool
+    name: str, q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float = 0.0
 ) -> tuple[
     Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     Callable[[], contextlib.AbstractContextManager],
 ]:
-    """Returns (fn(q, k, v) -> out, context factory to hold while timing). Raises Unavailable."""
+    """Returns (fn(q, k, v) -> out, context factory to hold while timing). Raises Unavailable.
+
+    dropout_p: attention dropout as in training (ours, the sdpa providers and naive; flex and unfused
+    have none)."""
     T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    if dropout_p > 0.0 and name in ("flex", "unfused"):
+        raise Unavailable(f"{name} has no attention dropout")
     scale = 1.0 / math.sqrt(D)
     nullctx = contextlib.nullcontext
 
@@ -171,12 +177,12 @@ def make_provider(
         except Exception as e:  # any import failure means the provider is absent
             raise Unavailable(f"kernels.flash_attention: {type(e).__name__}: {e}") from e
         fa = module.flash_attention
-        return (lambda q, k, v: fa(q, k, v, causal=causal)), nullctx
+        return (lambda q, k, v: fa(q, k, v, causal=causal, dropout_p=dropout_p)), nullctx
 
     if name == "sdpa" or name.startswith("sdpa-"):
 
         def fn(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
         if name == "sdpa":
             return fn, nullctx
@@ -207,7 +213,7 @@ def make_provider(
             if keep is not None:
                 scores = scores.masked_fill(~keep, float("-inf"))
             p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # read, written again
-            return p @ v
+            return F.dropout(p, dropout_p) @ v
 
         return naive, nullctx
 
@@ -281,6 +287,7 @@ def run_benchmarks(
     log: Callable[[str], None] | None = None,
     device: str = "cuda",
     baseline: str = BASELINE,
+    dropout_p: float = 0.0,
 ) -> list[Result]:
     """Times every (shape, provider, mode); failures become results with ms=None and a note.
 
@@ -291,12 +298,12 @@ def run_benchmarks(
         q, k, v = make_inputs(B, H, T, D, DTYPES[dtype], device=device, seed=seed)
         for provider in providers:
             try:
-                fn, ctx = make_provider(provider, q, k, causal)
+                fn, ctx = make_provider(provider, q, k, causal, dropout_p)
                 failure = None
             except Exception as e:  # reported as n/a
                 fn, ctx, failure = None, None, _short(e)
             for mode in modes:
-                r = Result(provider, B, H, T, D, mode, causal, dtype)
+                r = Result(provider, B, H, T, D, mode, causal, dtype, dropout_p)
                 if failure is not None:
                     r.note = failure
                 else:
@@ -601,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability (training's)")
     p.add_argument("--out", default="bench/results", help="folder for CSV, JSON and PNG files")
     p.add_argument("--sweep", action="store_true", help="also TFLOP/s against T = 256..16384, D = 64 and 128")
     p.add_argument("--no-table", action="store_true", help="skip the shape table (with --sweep or --heatmap)")
@@ -630,10 +638,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     out = Path(args.out)
+    if not 0.0 <= args.dropout < 1.0:
+        print(f"--dropout {args.dropout} is out of range; allowed: 0 <= p < 1")
+        return 2
     meta = {**environment(), "dtype": args.dtype, "causal": args.causal, "baseline": args.baseline}
+    meta["dropout"] = args.dropout
     print(
         f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {args.dtype}  "
-        f"{'causal' if args.causal else 'non-causal'}",
+        f"{'causal' if args.causal else 'non-causal'}{f'  dropout {args.dropout}' if args.dropout else ''}",
         flush=True,
     )
 
@@ -651,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             log,
             baseline=args.baseline,
+            dropout_p=args.dropout,
         )
         print(format_table(results, args.baseline))
         paths = write_results(results, out, "bench", meta)

@@ -74,14 +74,36 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 
 
 @triton.jit
-def _dropout_keep(seed_bh, rows, cols, S, dropout_p):
-    """Philox keep-mask for attention entries (row, col) of one (batch, head).
+def _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Philox keep-mask (BLOCK_M, BLOCK_N) for query rows ``offs_m`` and keys ``start_n + [0, BLOCK_N)`` of
+    one (batch, head); ``start_n`` is a multiple of 8.
 
     ``seed_bh`` is the 64-bit Philox key: the call's seed in the low word, batch * H + head in the high
-    word, so every head has its own stream. The counter is ``row * S + col`` (int32, so T * S < 2**31).
-    Forward, both backward kernels and ``dropout_keep_mask`` call this same function.
+    word, so every head has its own stream. Philox is the costly part of dropout (at the char-GPT shape
+    one call per score cost more than the attention itself), so each call serves eight keys: it returns
+    four 32-bit numbers, each split into two 16-bit ones. The counter of keys ``8j .. 8j + 7`` in row i
+    is ``i * cdiv(S, 8) + j`` (int32: T * S / 8 < 2**31); key ``8j + 4h + t`` takes half h (0: low,
+    1: high) of output t. An entry is kept when its 16-bit number is at least ``dropout_p * 2**16``
+    (p resolved to 1 / 65536). Seven Philox rounds instead of ten: Philox4x32-7 already passes the
+    BigCrush statistical tests (Salmon et al., 2011). Forward, both backward kernels and
+    ``dropout_keep_mask`` call this same function.
     """
-    return tl.rand(seed_bh, rows * S + cols) >= dropout_p
+    octets = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed_bh, offs_m[:, None] * tl.cdiv(S, 8) + octets[None, :], n_rounds=7)
+    # (BLOCK_M, BLOCK_N // 8, 2, 2, 2) indexed [m, j, h, i, b] = half h of r_{2i+b}; row-major flattening
+    # puts it at key 8j + 4h + 2i + b
+    h0, h1 = _halves(r0), _halves(r1)
+    h2, h3 = _halves(r2), _halves(r3)
+    r = tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), (BLOCK_M, BLOCK_N))
+    return r >= tl.cast(dropout_p * 65536.0, tl.int32)
+
+
+@triton.jit
+def _halves(r):
+    """(low, high) 16 bits of each 32-bit number, as int32 in [0, 65536), joined on a new last axis.
+    Masked after the shift, so the result is the same whichever signedness the shift assumes."""
+    r = r.to(tl.int32, bitcast=True)
+    return tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)
 
 
 @triton.jit
@@ -90,7 +112,7 @@ def _philox_key(Seed, off_bh):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autotuning: tiles per head dim, dtype, causal and a power-of-two bucket of the sequence length
+# Tiles: a default per head dim and power-of-two sequence bucket, or autotuned (MINIGPT_AUTOTUNE=1)
 # ----------------------------------------------------------------------------------------------------
 def _seq_bucket(T: int, S: int) -> int:
     """Autotune key: one tuning per power-of-two bucket of the longer sequence, not per length."""
@@ -98,22 +120,25 @@ def _seq_bucket(T: int, S: int) -> int:
 
 
 @functools.cache
-def _smem_limit(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
+def _smem_limit(device_index: int | None) -> int:
+    index = device_index if device_index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 101376))
 
 
-def _make_pruner(smem_tiles):
-    """Drop configs whose tiles exceed the sequence bucket or whose buffers cannot fit shared memory.
+def _make_pruner(smem_tiles, default_tile):
+    """Drop configs whose tiles exceed the sequence bucket or whose buffers cannot fit shared memory; then,
+    unless MINIGPT_AUTOTUNE=1, keep only the default tile for this key, so nothing is benchmarked.
 
-    ``smem_tiles(BLOCK_M, BLOCK_N, BLOCK_D, num_stages)`` estimates the elements staged in shared memory.
+    ``smem_tiles(BLOCK_M, BLOCK_N, BLOCK_D, num_stages)`` estimates the elements staged in shared memory;
+    ``default_tile(bucket, BLOCK_D)`` gives the (BLOCK_M, BLOCK_N, warps, stages) used without tuning.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         bucket, block_d = args["SEQ_BUCKET"], args["BLOCK_D"]
         q = args["Q"]
-        limit = _smem_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        limit = _smem_limit(q.device.index)
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -122,9 +147,41 @@ def _make_pruner(smem_tiles):
             if smem_tiles(bm, bn, block_d, c.num_stages) * q.element_size() > limit:
                 continue
             kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        if _autotuning() or len(kept) == 1:
+            return kept
+        wanted = default_tile(bucket, block_d)
+        tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        return [next((c for c in kept if tile(c) == wanted), kept[-1])]
 
     return prune
+
+
+def _autotuning() -> bool:
+    """MINIGPT_AUTOTUNE=1: benchmark every config at the first call of each key (tens of seconds of
+    compiling and timing per kernel) instead of taking the default tiles below."""
+    return os.environ.get("MINIGPT_AUTOTUNE", "0") == "1"
+
+
+# Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: the autotuner's
+# choices on an H100 at the five benchmark shapes (bench/NOTES.md, v4). Small buckets want small tiles
+# (more programs for 132 SMs).
+def _fwd_tile(bucket: int, block_d: int) -> tuple:
+    if bucket >= 2048:
+        return (128, 128, 8, 3) if block_d > 64 else (128, 64, 8, 3)
+    return (64, 64, 4, 3) if bucket >= 512 else (64, 32, 4, 4)
+
+
+def _dkdv_tile(bucket: int, block_d: int) -> tuple:
+    if block_d > 64:
+        return (64, 128, 8, 3) if bucket >= 1024 else (64, 64, 4, 3)
+    return (32, 64, 4, 4)
+
+
+def _dq_tile(bucket: int, block_d: int) -> tuple:
+    if bucket >= 2048:
+        return (128, 64, 8, 3)
+    return (64, 64, 4, 3) if bucket >= 1024 else (64, 32, 4, 4)
 
 
 def _configs(gpu_list, interpret_tile):
@@ -157,7 +214,7 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, lo, hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Stream key blocks [lo, hi) through the online softmax. MASKED: the on-band (or ragged tail) part."""
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -182,7 +239,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts every visible key, dropped or not
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], S, dropout_p)
+            keep = _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        offs_n, S, offs_d, HEAD_DIM, MASKED, not EVEN_D)
@@ -194,7 +251,7 @@ def _attn_fwd_inner(
 @triton.autotune(
     configs=_configs(_FWD_CONFIGS, (32, 16)),
     key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd)},
+    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd, _fwd_tile)},
 )
 @triton.jit
 def _attn_fwd(
@@ -246,11 +303,11 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, band_lo, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
-        False, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+        False, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, band_lo, band_hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
-        True, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+        True, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Epilogue: normalize; rows that saw no key (causal, T > S) output 0 with log-sum-exp -inf.
     seen = l_i > 0.0
@@ -300,9 +357,9 @@ def _attn_bwd_preprocess(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
+    start_n, offs_n, offs_d, lo, hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dK, dV of this key block over query blocks [lo, hi). Tiles are transposed
     (keys x queries) so P^T and dS^T come out directly in the shape the dK, dV products need."""
@@ -321,7 +378,7 @@ def _attn_bwd_dkdv_inner(
                         offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
         if HAS_DROPOUT:  # the same Philox mask as the forward, read transposed
-            keepT = _dropout_keep(seed_bh, offs_m[None, :], offs_n[:, None], S, dropout_p)
+            keepT = tl.trans(_dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M, BLOCK_N))
             pT_drop = tl.where(keepT, pT * inv_keep, 0.0)
             dv = tl.dot(pT_drop.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
@@ -336,7 +393,7 @@ def _attn_bwd_dkdv_inner(
 @triton.autotune(
     configs=_configs(_DKDV_CONFIGS, (16, 32)),
     key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd)},
+    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd, _dkdv_tile)},
 )
 @triton.jit
 def _attn_bwd_dkdv(
@@ -392,12 +449,12 @@ def _attn_bwd_dkdv(
             seed_bh = _philox_key(Seed, off_bh)
         dk, dv = _attn_bwd_dkdv_inner(  # on the band: masked
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-            offs_n, offs_d, band_lo, band_hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
-            True, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M)
+            start_n, offs_n, offs_d, band_lo, band_hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
+            inv_keep, True, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dk, dv = _attn_bwd_dkdv_inner(  # off-band: every row sees the whole key block
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-            offs_n, offs_d, band_hi, T, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
-            False, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M)
+            start_n, offs_n, offs_d, band_hi, T, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
+            inv_keep, False, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Scores were sm_scale * q.k, so dK picks up sm_scale once here.
     mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
@@ -415,7 +472,7 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, lo, hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -432,7 +489,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], S, dropout_p)
+            keep = _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # dQ += dS K (scaled later)
@@ -442,7 +499,7 @@ def _attn_bwd_dq_inner(
 @triton.autotune(
     configs=_configs(_DQ_CONFIGS, (32, 16)),
     key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bm * bd + 2 * st * bn * bd)},
+    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bm * bd + 2 * st * bn * bd, _dq_tile)},
 )
 @triton.jit
 def _attn_bwd_dq(
@@ -493,11 +550,11 @@ def _attn_bwd_dq(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, band_lo, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
-        False, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+        False, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, band_lo, band_hi, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
-        True, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+        True, IS_CAUSAL, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -511,8 +568,9 @@ def _attn_bwd_dq(
 def _dropout_mask_kernel(Seed, Mask, T, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     off_bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(_philox_key(Seed, off_bh), offs_m[:, None], offs_n[None, :], S, dropout_p)
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(_philox_key(Seed, off_bh), offs_m, start_n, S, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = Mask + off_bh.to(tl.int64) * T * S + offs_m[:, None] * S + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < S))
 
@@ -741,8 +799,8 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
         raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p={dropout_p} is out of range; allowed: 0 <= dropout_p < 1")
-    if dropout_p > 0.0 and T * S >= 2**31:
-        raise ValueError(f"flash_attention: dropout needs T * S < 2**31 (Philox counters are int32), got T={T}, S={S}")
+    if dropout_p > 0.0 and T * triton.cdiv(S, 8) >= 2**31:
+        raise ValueError(f"flash_attention: dropout needs T * S / 8 < 2**31 (Philox counters are int32), got T={T}, S={S}")
     if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive finite number or None")
 

@@ -9,8 +9,8 @@ config it builds what training builds: the GPT of ``GPTModule`` (compiled when `
 its optimizer and schedule (``GPTModule.configure_optimizers``), the training batches of
 ``TextDataModule``, the precision of the Trainer (bf16 autocast on a GPU, fp32 on the CPU, unless
 ``trainer.precision`` says otherwise) and its gradient clipping. Then it runs ``--warmup`` steps (they
-absorb compilation and the allocator's first requests) and ``--steps`` timed steps, and prints the mean
-step split into
+absorb compilation and the allocator's first requests), ``--steps`` measured steps, then ``--steps`` more
+steps free-running, and prints the mean step split of the measured steps into
 
     data          waiting for the next batch and copying it to the device
     attn fwd/bwd  attention forward and backward, summed over layers (``minigpt.timing.AttentionTimer``)
@@ -19,13 +19,14 @@ step split into
 
 with tokens/s and MFU (``GPT.flops_per_token()`` x tokens/s over the GPU's bf16 peak from
 ``minigpt.callbacks.peak_tflops``; none on a CPU or an unlisted GPU). The parts share their boundaries, so
-they add up to the step.
+they add up to the step. Tokens/s and MFU come from the free-running steps, which run as training runs
+them: no marks, no synchronization, the host queueing work ahead of the GPU.
 
 Clocks. On CUDA every boundary is a CUDA event and the device is synchronized once, at the end of each
 timed step: the next step then starts on an idle GPU, so the span from its first event to the event after
 the host-to-device copy covers the host's wait for the batch as well as the copy. Training never
-synchronizes per step; this benchmark does, to attribute time to parts, and so a step here can be a little
-slower than the same step inside a long run, where the host queues work ahead of the GPU. On the CPU the
+synchronizes per step; the measured steps do, to attribute time to parts, so they can be slower than the
+free-running ones, by up to the host's whole launch time when the host is the bottleneck. On the CPU the
 boundaries are ``time.perf_counter()`` marks.
 
 Compile and attention timing. ``AttentionTimer`` runs the attention call eagerly, so with
@@ -135,22 +136,26 @@ def bench(
     clock = _Clock(device)
     batches = iter(datamodule.train_dataloader(start=0))
 
-    def step(index: int) -> dict:
+    def step(index: int, measure: bool = True) -> dict | None:
+        """One training step. measure: mark its parts and synchronize at its end; otherwise run it as
+        training does, queued behind the previous steps (the attention timer, if any, still times it)."""
+        mark = clock.mark if measure else lambda: None
         wall = time.perf_counter()
         # boundaries: the start, then per micro-batch "copied" and "done", then the end; each part of the
         # step lies between two of them, so the parts add up to the step
-        marks = [clock.mark()]
+        marks = [mark()]
+        module.mark_step()
         if timer is not None:
             timer.start_step(index, device)
         for _ in range(accumulate):
             x, y = next(batches)
             x = x.to(device, non_blocking=True)  # pinned on CUDA
             y = y.to(device, non_blocking=True)
-            marks.append(clock.mark())
+            marks.append(mark())
             with trainer.precision_plugin.forward_context():
                 _, loss = model(x, y)
             (loss / accumulate).backward()
-            marks.append(clock.mark())
+            marks.append(mark())
         # as GPTModule: the gradient norm every step (it is logged), clipping by it when configured
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -158,9 +163,13 @@ def bench(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        marks.append(clock.mark())
+        marks.append(mark())
         if timer is not None:
             timer.end_step()
+        if not measure:
+            if timer is not None:
+                timer.pop_ready()  # never blocks
+            return None
         if clock.cuda:
             torch.cuda.synchronize(device)  # once per step, after its last event: see the module doc
         wall_ms = (time.perf_counter() - wall) * 1e3
@@ -178,10 +187,23 @@ def bench(
             parts["attn_fwd_ms"], parts["attn_bwd_ms"] = attn.fwd_ms, attn.bwd_ms
         return parts
 
+    def synchronize() -> None:
+        if clock.cuda:
+            torch.cuda.synchronize(device)
+
     try:
         for i in range(warmup):
             step(i)
         timed = [step(warmup + i) for i in range(steps)]
+        # the same number of steps again, free-running as in training: the host queues work ahead
+        synchronize()
+        start = time.perf_counter()
+        for i in range(steps):
+            step(warmup + steps + i, measure=False)
+        synchronize()
+        free_ms = (time.perf_counter() - start) * 1e3 / steps
+        if timer is not None:
+            timer.flush()
     finally:
         model.set_attention_timer(None)
 
@@ -192,13 +214,13 @@ def bench(
     tokens_per_step = accumulate * datamodule.batch_size * cfg.block_size
     step_ms = mean("step_ms")
     attn_fwd, attn_bwd = mean("attn_fwd_ms"), mean("attn_bwd_ms")
-    tokens_per_s = tokens_per_step / (step_ms / 1e3)
+    tokens_per_s = tokens_per_step / (free_ms / 1e3)
     peak = peak_tflops(device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "attention": module.attention_backend,
         "precision": str(trainer.precision),
-        "compile": bool(module.hparams.compile),
+        "compile": module.hparams.compile_mode if module.hparams.compile else False,
         "time_attention": timer is not None,
         "n_params": model.num_params(),
         "flops_per_token": model.flops_per_token(),
@@ -216,7 +238,8 @@ def bench(
         "step_ms": step_ms,
         "step_ms_each": [t["step_ms"] for t in timed],
         "wall_ms": mean("wall_ms"),  # per step, with the synchronization and the timer's bookkeeping
-        "tokens_per_s": tokens_per_s,
+        "free_step_ms": free_ms,  # per step, free-running: what training gets
+        "tokens_per_s": tokens_per_s,  # free-running
         "peak_tflops": peak,
         "mfu": model.flops_per_token() * tokens_per_s / (peak * 1e12) if peak else None,
         "loss": timed[-1]["loss"],
@@ -230,7 +253,7 @@ def format_table(r: dict) -> str:
     accumulate = f" x {micro} micro-batches" if micro > 1 else ""
     lines = [
         f"{r.get('config') or 'config'}: GPT {r['n_params'] / 1e6:.2f} M params, attention {r['attention']}, "
-        f"{r['precision']} on {r['device']}, compile {'on' if r['compile'] else 'off'}",
+        f"{r['precision']} on {r['device']}, compile {r['compile'] or 'off'}",
         f"{r['batch_size']} x {r['block_size']} tokens{accumulate} = {r['tokens_per_step']:,} tokens per "
         f"step; {r['warmup']} warm-up + {r['steps']} timed steps (synchronized after each)",
         "",
@@ -246,8 +269,10 @@ def format_table(r: dict) -> str:
     lines += [
         f"{'step':<34}{r['step_ms']:>10.3f}{1:>9.1%}",
         "",
-        f"tokens/s  {r['tokens_per_s']:,.0f}   (step ms min {min(each):.3f}, median "
-        f"{statistics.median(each):.3f}, max {max(each):.3f}; wall {r['wall_ms']:.3f} ms/step)",
+        f"synchronized step ms: min {min(each):.3f}, median {statistics.median(each):.3f}, max "
+        f"{max(each):.3f}; wall {r['wall_ms']:.3f}",
+        f"tokens/s  {r['tokens_per_s']:,.0f}   ({r['steps']} more steps free-running, as in training: "
+        f"{r['free_step_ms']:.3f} ms/step)",
         f"MFU       {r['mfu']:.1%} of {r['peak_tflops']:g} TFLOP/s bf16"
         if r["mfu"] is not None
         else f"MFU       - (no known bf16 peak for {r['device']})",

@@ -9,8 +9,8 @@ share the wandb group ``<group>``. Any argument this command does not know (``--
 ``--data.batch_size 32`` ...) goes to both runs.
 
 At the end it reads both runs' ``metrics.csv`` and prints a side-by-side table (final train loss, best and
-final val loss, tokens/s, median attention forward and backward ms over the timed steps (the logged ones,
-see ``minigpt.timing``; the first is left out as warm-up), speedups), and writes
+final val loss, tokens/s, median attention forward and backward ms over the timed steps (see
+``minigpt.timing``; the first is left out as warm-up), speedups), and writes
 ``<out_dir>/<group>-compare.png`` (loss curves overlaid; attention forward and backward ms per step) with
 ``<out_dir>/<group>-compare.json`` next to it.
 

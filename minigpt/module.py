@@ -14,6 +14,7 @@ in the checkpoint to restore.
 import math
 import os
 import platform
+import time
 from typing import Literal
 
 import lightning as L
@@ -22,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from minigpt.attention import resolve_backend
 from minigpt.model import GPT, GPTConfig
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class GPTModule(L.LightningModule):
@@ -47,6 +50,7 @@ class GPTModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
         compile: bool = False,
+        compile_mode: CompileMode = "default",
         time_attention: bool = True,
     ):
         """A GPT trained on next-token cross-entropy.
@@ -72,6 +76,9 @@ class GPTModule(L.LightningModule):
             weight_decay: AdamW weight decay of the matrices (biases and norm gains are not decayed).
             betas: AdamW betas.
             compile: torch.compile the GPT (the first steps then take longer while it compiles).
+            compile_mode: torch.compile's mode. reduce-overhead replays each step's forward and backward as
+                CUDA graphs: one launch instead of hundreds, which pays when the GPU outruns the host
+                (small models); the attention kernels, ours or SDPA's, are captured in the graphs.
             time_attention: log the forward and backward time of attention (attn/*) on the logged steps; in
                 a compiled model those steps run a variant with a graph break at every attention call.
         """
@@ -107,8 +114,20 @@ class GPTModule(L.LightningModule):
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.compile()  # in place: the state_dict keys stay those of the plain GPT
+            mode = self.hparams.compile_mode
+            # in place: the state_dict keys stay those of the plain GPT
+            self.model.compile(mode=None if mode == "default" else mode)
             self._compiled = True
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return bool(self.hparams.compile) and self.hparams.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def mark_step(self) -> None:
+        """Tell torch.compile's CUDA graphs that a new step begins: the outputs of earlier replays (losses,
+        gradients) are consumed, so their memory may be overwritten."""
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def on_fit_start(self) -> None:
         """Record what runs: the resolved attention backend, the device, library versions (in the wandb
@@ -153,15 +172,22 @@ class GPTModule(L.LightningModule):
         self._micro = (self.global_step, micro + 1 if step == self.global_step else 0)
         micro_step = self.global_step * self.trainer.accumulate_grad_batches + self._micro[1]
         torch.manual_seed(hash((self._base_seed, micro_step)) & (2**63 - 1))
+        if self._micro[1] == 0:  # the gradients of earlier micro-batches must survive the next replay
+            self.mark_step()
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.mark_step()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False)
-        # Two things would wait for the GPU on every step: the progress bar (it turns what it shows into
-        # Python numbers) and logging a Python float (copied to the device). Both happen only on the steps
-        # the loggers write, which read the logged tensors there anyway.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if self.uses_cuda_graphs:  # the loss lives in the graph's memory, which the next replay reuses
+            loss = loss.clone()
+        # Logged only on the steps the loggers write (Lightning drops the other steps' values anyway): each
+        # self.log costs about a millisecond of Python, and the progress bar and a logged Python float would
+        # wait for the GPU. On those steps the loggers read the logged tensors, which synchronizes anyway.
+        if self._logs_this_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
             self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -169,7 +195,12 @@ class GPTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         self._grad_norm = torch.nn.utils.get_total_norm(grads)  # before clipping, as nanoGPT reports it
-        self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
+        if self._logs_this_step():
+            self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
+
+    def _logs_this_step(self) -> bool:
+        """Whether the loggers write this step's metrics (Lightning's rule, less its last-step case)."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -184,6 +215,10 @@ class GPTModule(L.LightningModule):
         _, loss = self.model(x, y)
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        # wall time from the launch of the process, next to each val/loss: "how long to reach loss x"
+        self.log("time/since_launch_s", seconds_since_launch(), on_step=False, on_epoch=True)
 
     # ---- optimizer and schedule -------------------------------------------------------------------------
 
@@ -234,6 +269,22 @@ def clip_gradients(
         torch.nn.utils.clip_grad_value_(params, clip_val)
     else:
         torch.nn.utils.clip_grads_with_norm_(params, clip_val, total_norm)
+
+
+_IMPORTED_AT = time.time()
+
+
+def seconds_since_launch() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since this module was imported,
+    which misses the interpreter's start and the first imports)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time() - _IMPORTED_AT
 
 
 def _cpu_name() -> str:

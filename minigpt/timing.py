@@ -26,16 +26,16 @@ the attention module is in eval mode, the timer just calls ``fn(q, k, v)``. A ba
 (a forward with grad but no ``backward()``) adds no backward time.
 
 torch.compile. ``AttentionTimer.__call__`` is wrapped in ``torch.compiler.disable``, so in a compiled model
-every timed attention call is a graph break: Dynamo compiles the code between attention calls (n_layer + 1
-graphs instead of one) and the attention, with its two markers, runs eagerly. ``AttentionTimingCallback``
-installs the timer for the timed steps only, so a compiled model holds two variants: the one compiled
-whole, which runs the untimed steps and validation, and the broken-up one, compiled on the first timed
-step, which runs the timed steps. Hence, with ``compile`` on:
-- ``attn/fwd_ms``, ``attn/bwd_ms``: the eager attention call and its gradient: our Triton op or SDPA
-  exactly as without compile; for ``naive`` its un-fused eager ops, not what Inductor would make of them.
-- ``perf/step_ms`` (and ``attn/share``): steps of the broken-up variant, which can be slower than the model
-  compiled whole; ``perf/tokens_per_s`` is measured over all steps, mostly the whole-graph variant.
-- A model compiled with ``fullgraph=True`` cannot be timed (the graph break is an error there).
+every timed attention call would be a graph break, and a model compiled with ``fullgraph=True`` cannot be
+timed at all. ``AttentionTimingCallback`` therefore runs the timed steps of a compiled model eagerly
+(``torch.compiler.set_stance("force_eager")``): nothing is recompiled, the CUDA graphs of ``reduce-overhead``
+are left alone, and the other steps run the compiled model untouched. Hence, with ``compile`` on:
+- ``attn/fwd_ms``, ``attn/bwd_ms``: the attention call and its gradient as they run eagerly: our Triton op or
+  SDPA exactly as in the compiled graph (both are single opaque kernels there too); for ``naive``, its
+  eager ops, not what Inductor would fuse them into.
+- ``perf/step_ms`` and ``attn/share``: those of the eager step, slower than a compiled one; the compiled
+  steps' speed is ``perf/tokens_per_s``, measured over all steps.
+- Timed steps are rarer by default (see ``AttentionTimingCallback``), since each costs an eager step.
 
 Cost. Per timed call: four clock marks and two tiny autograd nodes; on CUDA the events come from a pool
 and are reused, so the hot path never allocates events nor synchronizes the device. The backward markers
@@ -52,7 +52,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
-from lightning.pytorch.utilities import rank_zero_warn
 
 Mark = Any  # a recorded torch.cuda.Event on CUDA, a time.perf_counter() float elsewhere
 
@@ -260,10 +259,12 @@ class AttentionTimingCallback(L.Callback):
             ``(s + 1) % every_n_steps == 0``, which are those whose ``train/loss`` the loggers write. None
             (the default) takes the trainer's ``log_every_n_steps``; 1 times every step.
 
-    Why not every step by default: the two markers are Python code that the autograd engine runs inside
-    the backward pass, and on a GPU that work is not free when the step is short. On an H100, the
-    ``shakespeare_char`` model (a launch-bound ~25 ms step under Lightning) lost about 10% of its tokens/s
-    with every step timed; timing the logged steps (1 in 10) divides that by ten.
+            For a compiled model, whose timed steps run eagerly, None takes ten times that.
+
+    Why not every step by default: each timed attention call adds four CUDA events and two autograd nodes
+    of Python, which the autograd engine runs inside the backward pass; when a step is launch-bound that
+    shows. On an H100 the eager ``shakespeare_char`` model ran 6% (triton) to 11% (sdpa) slower with every
+    step timed (``python -m minigpt.bench_train``); timing the logged steps divides that by ten.
     """
 
     def __init__(self, every_n_steps: int | None = None) -> None:
@@ -272,20 +273,26 @@ class AttentionTimingCallback(L.Callback):
         self.every_n_steps = every_n_steps
         self.timer = AttentionTimer()
         self._opened_at: int | None = None  # trainer.global_step when the open step started
+        self._compiled = False
+        self._eager = False  # whether this callback forced the compiled model to run eagerly
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if _is_compiled(pl_module):
-            rank_zero_warn(
-                "timing attention in a compiled model: the timed steps run a second compiled variant of the "
-                "model with a graph break at every attention call; set time_attention false to avoid it"
-            )
+        self._compiled = _is_compiled(pl_module)
+
+    def interval(self, trainer: L.Trainer) -> int:
+        """Optimizer steps between timed steps."""
+        if self.every_n_steps is not None:
+            return self.every_n_steps
+        return (trainer.log_every_n_steps or 1) * (10 if self._compiled else 1)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx):
-        every = self.every_n_steps or trainer.log_every_n_steps or 1
         step = trainer.global_step
         # the first micro-batch of an optimizer step that is timed
-        if not self.timer.step_open and self._opened_at != step and (step + 1) % every == 0:
+        if not self.timer.step_open and self._opened_at != step and (step + 1) % self.interval(trainer) == 0:
             self._opened_at = step
+            if self._compiled:
+                torch.compiler.set_stance("force_eager")
+                self._eager = True
             pl_module.model.set_attention_timer(self.timer)
             self.timer.start_step(step, pl_module.device)
 
@@ -294,16 +301,22 @@ class AttentionTimingCallback(L.Callback):
         # partial accumulation at the end of an epoch)
         if self.timer.step_open and trainer.global_step != self._opened_at:
             self.timer.end_step()
-            pl_module.model.set_attention_timer(None)
+            self._uninstall(pl_module)
             self._log(trainer, self.timer.pop_ready())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.timer.discard_step()  # a step cut short before its optimizer step has nothing to report
-        pl_module.model.set_attention_timer(None)
+        self._uninstall(pl_module)
         self._log(trainer, self.timer.flush())
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException):
+        self._uninstall(pl_module)
+
+    def _uninstall(self, pl_module: L.LightningModule) -> None:
         pl_module.model.set_attention_timer(None)
+        if self._eager:
+            torch.compiler.set_stance("default")
+            self._eager = False
 
     @staticmethod
     def _log(trainer: L.Trainer, timings: list[StepTiming]) -> None:

@@ -49,7 +49,8 @@ def check_split(r: dict) -> None:
     assert len(r["step_ms_each"]) == r["steps"]
     assert sum(r["step_ms_each"]) / r["steps"] == pytest.approx(r["step_ms"])
     assert 0.5 * r["wall_ms"] < r["step_ms"] <= r["wall_ms"] * 1.01, (r["step_ms"], r["wall_ms"])
-    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["free_step_ms"] / 1e3))
+    assert 0.3 * r["step_ms"] < r["free_step_ms"] < 3 * r["step_ms"], "free-running steps: the same work"
     assert math.isfinite(r["loss"]) and r["loss"] < math.log(257) + 0.5
 
 

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 # The module itself: ``kernels`` re-exports the function under the module's name, so
 # ``import kernels.flash_attention as fa`` would give the function.
@@ -220,6 +221,10 @@ def test_dropout_keep_fraction_and_streams():
     per_head = keep.flatten(2).float().mean(-1)
     assert (per_head - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (T * S))
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    # one Philox call serves eight keys (two 16-bit halves of four outputs): each of the eight lanes keeps
+    # 1 - p of its entries, so no half or output is biased (e.g. by a sign-extending shift)
+    lanes = keep[..., : S // 8 * 8].unflatten(-1, (S // 8, 8)).float().mean((0, 1, 2, 3))
+    assert (lanes - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (n / S * (S // 8)))
     assert torch.equal(keep, fa.dropout_keep_mask(seed.clone(), B, H, T, S, p))
     assert not torch.equal(keep, fa.dropout_keep_mask(seed + 1, B, H, T, S, p))
 
@@ -471,3 +476,52 @@ def test_gpu_compile_gpt_triton_backend():
     torch.testing.assert_close(loss_c, loss, atol=1e-4, rtol=1e-4)
     for p, g in zip([p for p in model.parameters() if p.grad is not None], grads):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_dropout_under_compile_draws_new_masks(mode):
+    """Compiled (and replayed as CUDA graphs), each call still draws a fresh dropout mask, and seeding
+    torch's generator repeats it: the seed is a random op inside the graph, not a constant baked into it."""
+    torch.compiler.reset()
+    q = torch.randn(2, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
+
+    def attend(q):
+        return flash_attention(q, q, q, dropout_p=0.5)
+
+    compiled = torch.compile(attend, mode=None if mode == "default" else mode)
+    outs = []
+    for seed in (0, 1, 2, 0):
+        torch.manual_seed(seed)
+        torch.compiler.cudagraph_mark_step_begin()
+        outs.append(compiled(q).clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2]), "masks must change"
+    assert torch.equal(outs[0], outs[3]), "the same seed must give the same mask"
+    unseeded = []
+    for _ in range(2):
+        torch.compiler.cudagraph_mark_step_begin()
+        unseeded.append(compiled(q).clone())
+    assert not torch.equal(unseeded[0], unseeded[1])
+    torch.compiler.reset()
+
+
+def test_default_tiles_skip_autotuning(monkeypatch):
+    """Without MINIGPT_AUTOTUNE=1 the pruner leaves one config per key, the default tile (nothing to
+    benchmark at the first call); with it, every config that fits is timed."""
+    monkeypatch.setattr(fa, "_smem_limit", lambda device_index: 232448)  # an H100's shared memory
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in fa._FWD_CONFIGS
+    ]
+    prune = fa._make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd, fa._fwd_tile)
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    for bucket, block_d in ((256, 64), (1024, 64), (4096, 64), (4096, 128), (16384, 128)):
+        args = {"Q": q, "SEQ_BUCKET": bucket, "BLOCK_D": block_d}
+        monkeypatch.delenv("MINIGPT_AUTOTUNE", raising=False)
+        assert [tile(c) for c in prune(configs, args)] == [fa._fwd_tile(bucket, block_d)]
+        monkeypatch.setenv("MINIGPT_AUTOTUNE", "1")
+        assert len(prune(configs, args)) > 1
+    monkeypatch.delenv("MINIGPT_AUTOTUNE")
+    tiny = prune(configs, {"Q": q, "SEQ_BUCKET": 16, "BLOCK_D": 64})  # every tile exceeds T: the smallest
+    assert [tile(c) for c in tiny] == [(64, 32, 4, 4)]

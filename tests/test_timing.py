@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn as nn
 
 from minigpt.attention import attention
@@ -243,15 +244,23 @@ class Spy:
 
 @pytest.mark.parametrize(
     ("every", "log_every", "timed", "compiled"),
-    [(1, 50, [0, 1, 2, 3], False), (None, 2, [1, 3], False), (3, 1, [2], False), (None, 2, [1, 3], True)],
+    [
+        (1, 50, [0, 1, 2, 3], False),
+        (None, 2, [1, 3], False),
+        (3, 1, [2], False),
+        (2, 2, [1, 3], True),
+        (None, 1, [], True),  # compiled: ten times log_every_n_steps by default
+    ],
 )
 def test_callback_logs_the_timed_optimizer_steps(tmp_path, every, log_every, timed, compiled):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(18, 16, 32))
     callback = AttentionTimingCallback(every_n_steps=every)
     module = ToyModule()
+    counter = torch._dynamo.testing.CompileCounter()
     if compiled:
-        module.model = torch.compile(module.model, backend="aot_eager")
+        torch.compiler.reset()
+        module.model = torch.compile(module.model, backend=counter)
     spy = Spy(module)
     module.on_before_backward = spy  # runs inside each micro-batch, between the callback's hooks
     trainer = L.Trainer(
@@ -277,6 +286,9 @@ def test_callback_logs_the_timed_optimizer_steps(tmp_path, every, log_every, tim
     # installed for the timed steps only (2 micro-batches each), removed at the end
     assert spy.installed == [s in timed for s in range(4) for _ in range(2)]
     assert all(layer.timer is None for layer in module.model.layers)
+    if compiled:  # timed steps ran eagerly: one graph, never recompiled with breaks at the attention calls
+        assert counter.frame_count == 1
+        torch.compiler.reset()
 
 
 def test_callback_checks_its_argument():

@@ -119,6 +119,11 @@ def test_csv_holds_the_logged_metrics(tiny_run):
     tokens_per_s = read_metric(tiny_run, "perf/tokens_per_s")
     assert len(tokens_per_s) >= 25 and all(v > 0 for v in tokens_per_s.values())
     assert all(v > 0 for v in read_metric(tiny_run, "train/grad_norm").values())
+    # the wall time since launch comes with every validation, at its step, and only grows
+    elapsed, val = read_metric(tiny_run, "time/since_launch_s"), read_metric(tiny_run, "val/loss")
+    assert sorted(elapsed) == sorted(val) and len(val) == 3
+    times = [elapsed[s] for s in sorted(elapsed)]
+    assert 0 < times[0] < times[1] < times[2] < 600
 
 
 def test_wandb_offline_run_holds_keys_and_config(tiny_run):
@@ -225,3 +230,29 @@ def test_triton_and_sdpa_train_alike(tmp_path):
     assert max(diffs) < 0.1
     tail = sum(triton[s] - sdpa[s] for s in range(180, 200)) / 20
     assert abs(tail) < 0.03, f"the last 20 steps differ by {tail:.4f} on average"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_cuda_graphs_train_like_eager(tmp_path, attention):
+    """compile_mode reduce-overhead replays forward and backward as CUDA graphs, whose outputs (loss,
+    gradients) live in memory the next replay reuses: with two micro-batches per step, a wrong step
+    boundary would add the second micro-batch's gradient to itself. Same steps as eager, within bf16."""
+    common = [
+        "--model.attention", attention, "--model.dropout", "0", "--trainer.max_steps", "20",
+        "--trainer.accumulate_grad_batches", "2", "--model.time_attention", "false",
+    ]  # fmt: skip
+    runs = {}
+    for name, extra in (("eager", []), ("graphs", ["--model.compile", "true", "--model.compile_mode",
+                                                    "reduce-overhead"])):
+        main(tiny_args(tmp_path, "--run_name", name, "--data.source", "shakespeare", *common, *extra))
+        runs[name] = read_metric(tmp_path / "runs" / name, "train/loss")
+        grad = read_metric(tmp_path / "runs" / name, "train/grad_norm")
+        runs[name + "_grad"] = grad
+    eager, graphs = runs["eager"], runs["graphs"]
+    assert sorted(eager) == sorted(graphs) == list(range(20))
+    diffs = [abs(eager[s] - graphs[s]) for s in range(20)]
+    print(f"{attention}: max |eager - graphs| loss {max(diffs):.4f}")
+    assert max(diffs) < 0.05
+    grad_ratio = [runs["graphs_grad"][s] / runs["eager_grad"][s] for s in range(20)]
+    assert all(0.9 < r < 1.1 for r in grad_ratio), grad_ratio
