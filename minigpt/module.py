@@ -79,8 +79,8 @@ class GPTModule(L.LightningModule):
             compile_mode: torch.compile's mode. reduce-overhead replays each step's forward and backward as
                 CUDA graphs: one launch instead of hundreds, which pays when the GPU outruns the host
                 (small models); the attention kernels, ours or SDPA's, are captured in the graphs.
-            time_attention: log the forward and backward time of attention (attn/*) on the logged steps; in
-                a compiled model those steps run a variant with a graph break at every attention call.
+            time_attention: log the forward and backward time of attention (attn/*) on the logged steps; a
+                compiled model runs its timed steps eagerly, one step in ten logged ones (minigpt.timing).
         """
         super().__init__()
         if not 0.0 <= min_lr <= learning_rate:
