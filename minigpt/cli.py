@@ -137,17 +137,19 @@ class TrainCLI(LightningCLI):
             if not Path(cfg.ckpt_path).is_file():
                 self.parser.error(f"--ckpt_path {cfg.ckpt_path}: no such checkpoint file")
             self.ckpt_path = cfg.ckpt_path
-        elif (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.csv").exists():
-            # A new run in an old run's folder would replace its checkpoints: only when asked to.
+        elif rank_zero_only.rank == 0 and (
+            (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.csv").exists()
+        ):
+            # A new run in an old run's folder would replace its checkpoints: only when asked to. Decided
+            # by rank zero alone: under DDP the other ranks start once rank zero has begun writing.
             if not cfg.overwrite:
                 self.parser.error(
                     f"{self.run_dir} already holds a run: pass --ckpt_path last to continue it, "
                     "--run_name NAME to start another beside it, or --overwrite true to replace it"
                 )
-            if rank_zero_only.rank == 0:
-                rank_zero_warn(f"--overwrite: replacing the run in {self.run_dir}")
-                (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            rank_zero_warn(f"--overwrite: replacing the run in {self.run_dir}")
+            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:

@@ -213,12 +213,14 @@ class GPTModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        # under DDP each rank validates its share of the batches: the mean over all ranks is the metric
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
         # wall time from the launch of the process, next to each val/loss: "how long to reach loss x"
-        self.log("time/since_launch_s", seconds_since_launch(), on_step=False, on_epoch=True)
+        elapsed = seconds_since_launch()
+        self.log("time/since_launch_s", elapsed, on_step=False, on_epoch=True, rank_zero_only=True)
 
     # ---- optimizer and schedule -------------------------------------------------------------------------
 

@@ -260,6 +260,23 @@ def test_stream_start_continues_the_same_stream(corpus, tmp_path):
     assert torch.equal(next(iter(dm.train_dataloader()))[0], full[6][0])
 
 
+def test_ranks_share_out_the_stream(corpus, tmp_path):
+    """Under DDP (world_size 2) rank r takes batches r, r + 2, ... of the one-process stream: the ranks see
+    different windows, together the same ones, and each rank's stream is a function of the seed alone."""
+    dm = make(corpus, tmp_path)
+    single = batches(dm.train_dataloader(), 6)
+    per_rank = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, world_size=2, global_rank=rank)
+        per_rank.append(batches(dm.train_dataloader(), 3))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(single[0::2], per_rank[0]))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(single[1::2], per_rank[1]))
+    assert not torch.equal(per_rank[0][0][0], per_rank[1][0][0])
+    # after 2 optimizer steps a resumed rank 1 starts at the one-process batch 2 * 2 + 1
+    dm.trainer = SimpleNamespace(global_step=2, accumulate_grad_batches=1, world_size=2, global_rank=1)
+    assert torch.equal(next(iter(dm.train_dataloader()))[0], single[5][0])
+
+
 def test_workers_keep_the_stream_order(corpus, tmp_path):
     dm = make(corpus, tmp_path)
     single = batches(dm.train_dataloader(), 5)

@@ -6,7 +6,10 @@ temporary folders. One 30-step run serves several tests.
 
 import csv
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +259,29 @@ def test_cuda_graphs_train_like_eager(tmp_path, attention):
     assert max(diffs) < 0.05
     grad_ratio = [runs["graphs_grad"][s] / runs["eager_grad"][s] for s in range(20)]
     assert all(0.9 < r < 1.1 for r in grad_ratio), grad_ratio
+
+
+def test_ddp_two_processes_train_and_resume(workdir, tmp_path):
+    """Lightning DDP with 2 processes (CPU, gloo): metrics come once per step from rank zero, validation is
+    reduced over the ranks, and a run resumed under DDP continues the straight run's trajectory."""
+
+    def train(name: str, *extra: str) -> Path:
+        args = tiny_args(workdir, "--out_dir", str(tmp_path), "--run_name", name, "--wandb_mode", "disabled")
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+        args += ["--trainer.val_check_interval", "3", "--model.lr_decay_steps", "10", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, env=env, timeout=600,
+                       capture_output=True)  # fmt: skip
+        return tmp_path / name
+
+    straight = train("straight", "--trainer.max_steps", "10")
+    train("resumed", "--trainer.max_steps", "6")
+    resumed = train("resumed", "--trainer.max_steps", "10", "--ckpt_path", "last")
+    a, b = read_metric(straight, "train/loss"), read_metric(resumed, "train/loss")
+    assert sorted(a) == sorted(b) == list(range(10))
+    assert all(a[s] == pytest.approx(b[s], abs=1e-6) for s in range(10)), (a, b)
+    assert a[9] < a[0]
+    with open(straight / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == list(range(10)), "one row per step: rank zero alone writes"
+    assert len(read_metric(straight, "val/loss")) == 3
