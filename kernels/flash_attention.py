@@ -164,7 +164,7 @@ def _autotuning() -> bool:
 
 
 # Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: the autotuner's
-# choices on an H100 at the five benchmark shapes (bench/NOTES.md, v4). Small buckets want small tiles
+# choices on an H100 at the five benchmark shapes (bench/NOTES.md, v5). Small buckets want small tiles
 # (more programs for 132 SMs).
 def _fwd_tile(bucket: int, block_d: int) -> tuple:
     if bucket >= 2048:
