@@ -245,19 +245,17 @@ def test_cuda_graphs_train_like_eager(tmp_path, attention):
         "--model.attention", attention, "--model.dropout", "0", "--trainer.max_steps", "20",
         "--trainer.accumulate_grad_batches", "2", "--model.time_attention", "false",
     ]  # fmt: skip
-    runs = {}
-    for name, extra in (("eager", []), ("graphs", ["--model.compile", "true", "--model.compile_mode",
-                                                    "reduce-overhead"])):
+    graphs = ["--model.compile", "true", "--model.compile_mode", "reduce-overhead"]
+    loss, grad = {}, {}
+    for name, extra in (("eager", []), ("graphs", graphs)):
         main(tiny_args(tmp_path, "--run_name", name, "--data.source", "shakespeare", *common, *extra))
-        runs[name] = read_metric(tmp_path / "runs" / name, "train/loss")
-        grad = read_metric(tmp_path / "runs" / name, "train/grad_norm")
-        runs[name + "_grad"] = grad
-    eager, graphs = runs["eager"], runs["graphs"]
-    assert sorted(eager) == sorted(graphs) == list(range(20))
-    diffs = [abs(eager[s] - graphs[s]) for s in range(20)]
+        loss[name] = read_metric(tmp_path / "runs" / name, "train/loss")
+        grad[name] = read_metric(tmp_path / "runs" / name, "train/grad_norm")
+    assert sorted(loss["eager"]) == sorted(loss["graphs"]) == list(range(20))
+    diffs = [abs(loss["eager"][s] - loss["graphs"][s]) for s in range(20)]
     print(f"{attention}: max |eager - graphs| loss {max(diffs):.4f}")
     assert max(diffs) < 0.05
-    grad_ratio = [runs["graphs_grad"][s] / runs["eager_grad"][s] for s in range(20)]
+    grad_ratio = [grad["graphs"][s] / grad["eager"][s] for s in range(20)]
     assert all(0.9 < r < 1.1 for r in grad_ratio), grad_ratio
 
 
