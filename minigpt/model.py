@@ -192,6 +192,17 @@ class Block(nn.Module):
         return x
 
 
+# Module names that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _built_name(name: str) -> str:
+    """A parameter's name as the GPT was built, without the names wrappers added."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -214,6 +225,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: projections into the residual stream scale with depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Shapes as built. Under FSDP the parameters become 1-D views of each rank's shard, so decay groups
+        # and parameter counts are read from here, not from the live shapes.
+        self.param_shapes = {name: p.shape for name, p in self.named_parameters()}
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, nn.Linear):
@@ -226,9 +240,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters; non_embedding leaves out the position embeddings (the token embedding counts, being
         tied to lm_head), as nanoGPT counts them."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(shape.numel() for shape in self.param_shapes.values())
         if non_embedding and not self.config.rope:
-            n -= self.transformer.wpe.weight.numel()
+            n -= self.param_shapes["transformer.wpe.weight"].numel()
         return n
 
     def forward(
@@ -267,10 +281,11 @@ class GPT(nn.Module):
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.AdamW:
         """AdamW that decays the matrices (Linear weights, embeddings) but not biases and norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        is_matrix = lambda name: len(self.param_shapes[_built_name(name)]) >= 2
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for name, p in params if is_matrix(name)], "weight_decay": weight_decay},
+            {"params": [p for name, p in params if not is_matrix(name)], "weight_decay": 0.0},
         ]
         # fused: one kernel updates every parameter instead of a handful of kernels per tensor
         return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), fused=device_type == "cuda")

@@ -19,6 +19,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from minigpt.attention import resolve_backend
@@ -193,14 +194,25 @@ class GPTModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        self._grad_norm = torch.nn.utils.get_total_norm(grads)  # before clipping, as nanoGPT reports it
+        self._grad_norm = self._gradient_norm()  # before clipping, as nanoGPT reports it
         if self._logs_this_step():
             self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
 
     def _logs_this_step(self) -> bool:
         """Whether the loggers write this step's metrics (Lightning's rule, less its last-step case)."""
         return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def _gradient_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole gradient. Under FSDP each rank holds a shard of it: the squares are
+        summed over the ranks (under DDP every rank holds all of it, already averaged)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        device = self.trainer.strategy.root_device
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            squares = norm.float().square()
+            torch.distributed.all_reduce(squares)
+            norm = squares.sqrt()
+        return norm
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

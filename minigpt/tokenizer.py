@@ -3,8 +3,10 @@
 Names (the `--data.tokenizer` values):
 
 - `byte`   256 byte tokens plus `<|endoftext|>` (id 256). Needs no data and no network; the default.
-- `gpt2`   OpenAI's GPT-2 BPE from `tiktoken.get_encoding("gpt2")` (50257 tokens). Downloaded once;
-           offline it needs a filled `TIKTOKEN_CACHE_DIR`.
+- `gpt2`   OpenAI's GPT-2 BPE (50257 tokens), read through tiktoken's `r50k_base`: the same ranks,
+           pattern and `<|endoftext|>` as its `gpt2`, in one hash-checked file. Downloaded once; offline,
+           `python -m minigpt.tokenizer install-gpt2 FILE` puts a copy of that file (e.g. the one the
+           openai-whisper package ships as `whisper/assets/gpt2.tiktoken`) into tiktoken's cache.
 - `bpe-N`  a byte-level BPE of N tokens (N >= 257: N - 1 learned tokens plus `<|endoftext|>`), trained
            with `rustbpe` on the training split and saved beside the data cache.
 
@@ -14,9 +16,14 @@ folder or the network: `tokenizer_from_dict` rebuilds the same encoding.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +34,9 @@ TOKENIZERS = "byte | gpt2 | bpe-N (N an int >= 257, e.g. bpe-4096)"
 _BPE_NAME = re.compile(r"bpe-(\d+)")
 # Byte tokens never merge, so any split works; whitespace runs vs. the rest keeps pieces short.
 _BYTE_PATTERN = r"\s+|\S+"
+# GPT-2's ranks as tiktoken fetches them for `r50k_base`, and the SHA-256 it checks them against.
+GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 
 def _bpe_size(name: str) -> int | None:
@@ -59,13 +69,41 @@ def byte_tokenizer() -> tiktoken.Encoding:
 
 def _gpt2() -> tiktoken.Encoding:
     try:
-        return tiktoken.get_encoding("gpt2")
+        return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # tiktoken raises whatever its HTTP client raises when offline
         raise RuntimeError(
-            "tokenizer='gpt2' could not be loaded: tiktoken downloads its files once and then reads them "
-            "from TIKTOKEN_CACHE_DIR. Connect to the network once, or point TIKTOKEN_CACHE_DIR at a folder "
-            f"that already holds the gpt2 files (or use tokenizer='byte' or 'bpe-N'). Cause: {e!r}"
+            "tokenizer='gpt2' could not be loaded: tiktoken downloads its file once and then reads it "
+            "from TIKTOKEN_CACHE_DIR. Connect to the network once, or install a copy of the file offline "
+            "with `python -m minigpt.tokenizer install-gpt2 FILE` (or use tokenizer='byte' or 'bpe-N'). "
+            f"Cause: {e!r}"
         ) from e
+
+
+def tiktoken_cache_dir() -> Path:
+    """The folder tiktoken reads downloaded files from (its rule: the environment, else a temp folder)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def install_gpt2_ranks(path: Path | str, cache_dir: Path | str | None = None) -> Path:
+    """Copy GPT-2's rank file `path` into tiktoken's cache, where `tokenizer='gpt2'` finds it offline.
+
+    The file is checked against the SHA-256 tiktoken expects; tiktoken names cached files by the SHA-1
+    of their URL."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_RANKS_SHA256:
+        raise ValueError(
+            f"{path} is not GPT-2's rank file: its SHA-256 is {digest}, expected {GPT2_RANKS_SHA256} "
+            "(the file tiktoken calls r50k_base.tiktoken)"
+        )
+    folder = Path(cache_dir) if cache_dir is not None else tiktoken_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
+    shutil.copyfile(path, target)
+    return target
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, name: str | None = None) -> tiktoken.Encoding:
@@ -144,3 +182,24 @@ def load_tokenizer(
     tmp.write_text(json.dumps(tokenizer_to_dict(enc)))
     tmp.replace(path)
     return tokenizer_from_dict(json.loads(path.read_text()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minigpt.tokenizer", description="Tokenizer files.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    install = commands.add_parser(
+        "install-gpt2", help="copy GPT-2's rank file into tiktoken's cache (offline use)"
+    )
+    install.add_argument("file", help="r50k_base.tiktoken, or the same file under another name")
+    install.add_argument(
+        "--cache_dir", default=None, help="default: TIKTOKEN_CACHE_DIR, else tiktoken's temp folder"
+    )
+    args = parser.parse_args(argv)
+    target = install_gpt2_ranks(args.file, args.cache_dir)
+    print(f"installed {target}")
+    if target.parent != tiktoken_cache_dir():
+        print(f"tiktoken reads it with TIKTOKEN_CACHE_DIR={target.parent}")
+
+
+if __name__ == "__main__":
+    main()

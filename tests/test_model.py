@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from minigpt.model import GPT, GPTConfig, KVCache, sample
+from minigpt.model import GPT, GPTConfig, KVCache, _built_name, sample
 
 TINY = dict(block_size=24, vocab_size=67, n_layer=2, n_head=4, n_embd=32)
 MODERN = dict(rope=True, norm="rmsnorm", qk_norm=True, mlp="swiglu")
@@ -326,3 +326,19 @@ def test_triton_model_matches_sdpa_bf16(options):
         err = (grads_a[name] - grads_b[name]).abs().max().item()
         print(f"grad {name}: max error {err:.2e} (max {scale:.2e})")
         assert err <= 0.05 * scale + 1e-5, name
+
+
+def test_optimizer_groups_and_counts_survive_sharded_parameters():
+    """FSDP turns every parameter into a 1-D view of its rank's shard (and may prefix the names):
+    the decay groups and the parameter count still follow the shapes the model was built with."""
+    model = make_model(bias=True)
+    built = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed = [[p.numel() for p in g["params"]] for g in built.param_groups]
+    n = model.num_params(), model.num_params(False)
+    for p in model.parameters():
+        p.data = p.data.flatten()[: max(1, p.numel() // 2)]  # this rank's half, flattened
+    sharded = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert [len(g["params"]) for g in sharded.param_groups] == [len(d) for d in decayed]
+    assert all(p.dim() == 1 for g in sharded.param_groups for p in g["params"])
+    assert (model.num_params(), model.num_params(False)) == n
+    assert _built_name("h.0._fsdp_wrapped_module._orig_mod.attn.c_attn.weight") == "h.0.attn.c_attn.weight"

@@ -1,15 +1,21 @@
 """Tokenizers: names, sizes, exact round trips, a small BPE trained in a temp folder, checkpoint state."""
 
+import hashlib
 import json
 import random
 
 import pytest
 import tiktoken
+import tiktoken.load
 
 from minigpt.tokenizer import (
     EOT,
+    GPT2_RANKS_SHA256,
+    GPT2_RANKS_URL,
     byte_tokenizer,
+    install_gpt2_ranks,
     load_tokenizer,
+    tiktoken_cache_dir,
     tokenizer_from_dict,
     tokenizer_to_dict,
     vocab_size_for,
@@ -144,3 +150,24 @@ def test_gpt2_round_trip():
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     back = tokenizer_from_dict(tokenizer_to_dict(enc))
     assert back.encode_ordinary(SAMPLES[1]) == enc.encode_ordinary(SAMPLES[1])
+
+
+def test_install_gpt2_ranks_checks_the_hash_and_names_the_file_as_tiktoken_does(tmp_path):
+    wrong = tmp_path / "not_gpt2.tiktoken"
+    wrong.write_bytes(b"aGVsbG8= 0\n")
+    with pytest.raises(ValueError, match="not GPT-2's rank file"):
+        install_gpt2_ranks(wrong, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_install_gpt2_ranks_lets_tiktoken_load_offline(tmp_path, monkeypatch):
+    # tiktoken's own file, found only where a previous download or install left it
+    cached = tiktoken_cache_dir() / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
+    if not cached.exists():
+        pytest.skip("GPT-2's rank file is not on this machine")
+    target = install_gpt2_ranks(cached, tmp_path)
+    assert target.name == cached.name and target.read_bytes() == cached.read_bytes()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.load, "read_file", lambda url: pytest.fail(f"network read of {url}"))
+    ranks = tiktoken.load.load_tiktoken_bpe(GPT2_RANKS_URL, expected_hash=GPT2_RANKS_SHA256)
+    assert len(ranks) == 50256

@@ -283,3 +283,27 @@ def test_ddp_two_processes_train_and_resume(workdir, tmp_path):
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert steps == list(range(10)), "one row per step: rank zero alone writes"
     assert len(read_metric(straight, "val/loss")) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_fsdp_two_gpus_train_and_resume(workdir, tmp_path):
+    """Lightning FSDP on two GPUs with the triton backend: trains, and a run resumed from its sharded
+    training's checkpoint continues the straight run's trajectory."""
+
+    def train(name: str, *extra: str) -> Path:
+        args = tiny_args(workdir, "--out_dir", str(tmp_path), "--run_name", name, "--wandb_mode", "disabled")
+        args += ["--trainer.accelerator", "gpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp"]
+        args += ["--model.attention", "triton", "--trainer.val_check_interval", "3"]
+        args += ["--model.lr_decay_steps", "10", *extra]
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, timeout=600)
+        return tmp_path / name
+
+    straight = train("straight", "--trainer.max_steps", "10")
+    train("resumed", "--trainer.max_steps", "6")
+    resumed = train("resumed", "--trainer.max_steps", "10", "--ckpt_path", "last")
+    a, b = read_metric(straight, "train/loss"), read_metric(resumed, "train/loss")
+    assert sorted(a) == sorted(b) == list(range(10))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-3) for s in range(10)), (a, b)
+    assert a[9] < a[0]
+    assert len(read_metric(straight, "val/loss")) == 3
