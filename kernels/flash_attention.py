@@ -76,25 +76,32 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 @triton.jit
 def _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Philox keep-mask (BLOCK_M, BLOCK_N) for query rows ``offs_m`` and keys ``start_n + [0, BLOCK_N)`` of
-    one (batch, head); ``start_n`` is a multiple of 8.
+    one (batch, head); ``start_n`` and ``BLOCK_N`` are multiples of 32.
 
     ``seed_bh`` is the 64-bit Philox key: the call's seed in the low word, batch * H + head in the high
     word, so every head has its own stream. Philox is the costly part of dropout (at the char-GPT shape
     one call per score cost more than the attention itself), so each call serves eight keys: it returns
-    four 32-bit numbers, each split into two 16-bit ones. The counter of keys ``8j .. 8j + 7`` in row i
-    is ``i * cdiv(S, 8) + j`` (int32: T * S / 8 < 2**31); key ``8j + 4h + t`` takes half h (0: low,
-    1: high) of output t. An entry is kept when its 16-bit number is at least ``dropout_p * 2**16``
-    (p resolved to 1 / 65536). Seven Philox rounds instead of ten: Philox4x32-7 already passes the
-    BigCrush statistical tests (Salmon et al., 2011). Forward, both backward kernels and
-    ``dropout_keep_mask`` call this same function.
+    four 32-bit numbers, each split into two 16-bit ones. An entry is kept when its 16-bit number is at
+    least ``dropout_p * 2**16`` (p resolved to 1 / 65536). Seven Philox rounds instead of ten:
+    Philox4x32-7 already passes the BigCrush statistical tests (Salmon et al., 2011).
+
+    Which keys share a call follows the tensor cores' accumulator layout, where a thread holds two
+    neighbouring columns of every group of eight: key ``32g + 8o + 2q + e`` of row i takes half e (0: low,
+    1: high) of output o of the call with counter ``(i * cdiv(S, 32) + g) * 4 + q`` (int32: T * S / 8
+    < 2**31). The eight numbers of a call then land in one thread, and the mask needs no trip through
+    shared memory to meet the scores (it did when a call served eight adjacent keys). Forward, both
+    backward kernels and ``dropout_keep_mask`` call this same function.
     """
-    octets = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    r0, r1, r2, r3 = tl.randint4x(seed_bh, offs_m[:, None] * tl.cdiv(S, 8) + octets[None, :], n_rounds=7)
-    # (BLOCK_M, BLOCK_N // 8, 2, 2, 2) indexed [m, j, h, i, b] = half h of r_{2i+b}; row-major flattening
-    # puts it at key 8j + 4h + 2i + b
-    h0, h1 = _halves(r0), _halves(r1)
+    g = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+    q = tl.arange(0, 4)
+    counter = (offs_m[:, None, None] * tl.cdiv(S, 32) + g[None, :, None]) * 4 + q[None, None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed_bh, counter, n_rounds=7)
+    h0, h1 = _halves(r0), _halves(r1)  # (BLOCK_M, BLOCK_N // 32, 4, 2) indexed [m, g, q, e]
     h2, h3 = _halves(r2), _halves(r3)
-    r = tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), (BLOCK_M, BLOCK_N))
+    # [m, g, q, e, a, b] = half e of output 2a + b; reordered to [m, g, a, b, q, e], flattened row-major to
+    # key 32g + 8(2a + b) + 2q + e
+    r = tl.permute(tl.join(tl.join(h0, h2), tl.join(h1, h3)), (0, 1, 4, 5, 2, 3))
+    r = tl.reshape(r, (BLOCK_M, BLOCK_N))
     return r >= tl.cast(dropout_p * 65536.0, tl.int32)
 
 
@@ -249,7 +256,7 @@ def _attn_fwd_inner(
 
 
 @triton.autotune(
-    configs=_configs(_FWD_CONFIGS, (32, 16)),
+    configs=_configs(_FWD_CONFIGS, (32, 32)),  # BLOCK_N >= 32: see _dropout_keep
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd, _fwd_tile)},
 )
@@ -497,7 +504,7 @@ def _attn_bwd_dq_inner(
 
 
 @triton.autotune(
-    configs=_configs(_DQ_CONFIGS, (32, 16)),
+    configs=_configs(_DQ_CONFIGS, (32, 32)),
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bm * bd + 2 * st * bn * bd, _dq_tile)},
 )
@@ -799,7 +806,7 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
         raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p={dropout_p} is out of range; allowed: 0 <= dropout_p < 1")
-    if dropout_p > 0.0 and T * triton.cdiv(S, 8) >= 2**31:
+    if dropout_p > 0.0 and T * triton.cdiv(S, 32) * 4 >= 2**31:
         raise ValueError(f"flash_attention: dropout needs T * S / 8 < 2**31 (Philox counters are int32), got T={T}, S={S}")
     if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive finite number or None")

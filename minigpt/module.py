@@ -32,6 +32,7 @@ class GPTModule(L.LightningModule):
     def __init__(
         self,
         vocab_size: int = 257,
+        vocab_multiple: int = 1,
         block_size: int = 256,
         n_layer: int = 6,
         n_head: int = 6,
@@ -58,6 +59,8 @@ class GPTModule(L.LightningModule):
 
         Args:
             vocab_size: tokens in the vocabulary (set from the data's tokenizer).
+            vocab_multiple: round the embedding and output rows up to a multiple of this (64 speeds up
+                GPT-2's 50257-token output matmul); the extra rows are never predicted.
             block_size: context length in tokens (also the data's window length).
             n_layer: transformer blocks.
             n_head: query heads per attention layer.
@@ -95,9 +98,9 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters()
         self.model = GPT(
             GPTConfig(
-                block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias, attention=attention,
-                rope=rope, norm=norm, qk_norm=qk_norm, mlp=mlp,
+                block_size=block_size, vocab_size=vocab_size, vocab_multiple=vocab_multiple, n_layer=n_layer,
+                n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias,
+                attention=attention, rope=rope, norm=norm, qk_norm=qk_norm, mlp=mlp,
             )
         )
         self.attention_backend = attention  # resolved on the real device in setup()

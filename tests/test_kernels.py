@@ -212,7 +212,7 @@ def test_poison_is_detected():
 # Dropout
 # ----------------------------------------------------------------------------------------------------
 def test_dropout_keep_fraction_and_streams():
-    p, (B, H, T, S) = 0.3, (2, 2, 64, 100)
+    p, (B, H, T, S) = 0.3, (2, 2, 128, 100)
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
     keep = fa.dropout_keep_mask(seed, B, H, T, S, p)
     n = keep.numel()
@@ -221,10 +221,11 @@ def test_dropout_keep_fraction_and_streams():
     per_head = keep.flatten(2).float().mean(-1)
     assert (per_head - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (T * S))
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
-    # one Philox call serves eight keys (two 16-bit halves of four outputs): each of the eight lanes keeps
-    # 1 - p of its entries, so no half or output is biased (e.g. by a sign-extending shift)
-    lanes = keep[..., : S // 8 * 8].unflatten(-1, (S // 8, 8)).float().mean((0, 1, 2, 3))
-    assert (lanes - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (n / S * (S // 8)))
+    # one Philox call serves eight keys (two 16-bit halves of four outputs) spread over a group of 32: each
+    # of the 32 lanes keeps 1 - p of its entries, so no half or output is biased (e.g. by a sign-extending
+    # shift)
+    lanes = keep[..., : S // 32 * 32].unflatten(-1, (S // 32, 32)).float().mean((0, 1, 2, 3))
+    assert (lanes - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (n / S * (S // 32)))
     assert torch.equal(keep, fa.dropout_keep_mask(seed.clone(), B, H, T, S, p))
     assert not torch.equal(keep, fa.dropout_keep_mask(seed + 1, B, H, T, S, p))
 

@@ -342,3 +342,30 @@ def test_optimizer_groups_and_counts_survive_sharded_parameters():
     assert all(p.dim() == 1 for g in sharded.param_groups for p in g["params"])
     assert (model.num_params(), model.num_params(False)) == n
     assert _built_name("h.0._fsdp_wrapped_module._orig_mod.attn.c_attn.weight") == "h.0.attn.c_attn.weight"
+
+
+def test_padded_vocabulary_trains_and_predicts_like_the_unpadded_one():
+    """vocab_multiple pads the embedding/output rows, but the padding is never predicted: with the same real
+    weights the loss, its gradients and the returned logits equal those of the unpadded model."""
+    plain = make_model(vocab_size=50)
+    padded = make_model(vocab_size=50, vocab_multiple=64)
+    assert padded.lm_head.weight.shape[0] == 64 and padded.config.padded_vocab_size == 64
+    with torch.no_grad():
+        padded.lm_head.weight.normal_()  # padding rows with values that would matter if they leaked
+        for name, p in plain.named_parameters():
+            dict(padded.named_parameters())[name][: p.shape[0]].copy_(p)
+    idx, targets = tokens(2, 8, vocab=50), tokens(2, 8, vocab=50, seed=2)
+    logits_a, loss_a = plain(idx, targets)
+    logits_b, loss_b = padded(idx, targets)
+    assert logits_b.shape == logits_a.shape == (2, 8, 50)
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(logits_b, logits_a)
+    loss_a.backward()
+    loss_b.backward()
+    grad_a, grad_b = plain.lm_head.weight.grad, padded.lm_head.weight.grad
+    torch.testing.assert_close(grad_b[:50], grad_a)
+    assert torch.all(grad_b[50:] == 0)
+    assert padded(idx)[0].shape == (2, 1, 50)
+    assert padded.num_params() == plain.num_params()
+    with pytest.raises(ValueError, match="vocab_multiple"):
+        GPTConfig(vocab_multiple=0)
