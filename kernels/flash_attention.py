@@ -118,6 +118,34 @@ def _philox_key(Seed, off_bh):
     return tl.load(Seed) + (off_bh.to(tl.int64) << 32)
 
 
+@triton.jit
+def _query_block(H, GROUP, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Coordinates of a program of the (query blocks, batch * heads) grid: (first row, batch * head, batch,
+    head, kv head). Causal: the last query blocks see the most keys, so they are launched first."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    return pid_m * BLOCK_M, off_bh, off_b, off_h, off_h // GROUP  # GROUP query heads share a kv head
+
+
+@triton.jit
+def _key_band(start_m, S, diag, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split the keys of the query block at ``start_m`` into [0, band_lo), seen in full by every row (no
+    mask), and [band_lo, band_hi), masked; keys from band_hi on are never loaded. Causal: band_lo is the
+    first key block that crosses the diagonal (shifted by diag = S - T to the bottom-right corner), band_hi
+    the last key the last row sees. Otherwise: the full blocks, then the ragged tail."""
+    if IS_CAUSAL:
+        band_lo = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+        band_hi = tl.maximum(tl.minimum(start_m + BLOCK_M + diag, S), band_lo)
+    else:
+        band_lo = (S // BLOCK_N) * BLOCK_N
+        band_hi = S
+    return band_lo, band_hi
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tiles: a default per head dim and power-of-two sequence bucket, or autotuned (MINIGPT_AUTOTUNE=1)
 # ----------------------------------------------------------------------------------------------------
@@ -271,17 +299,8 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Which rows, which head. Causal: the last query blocks see the most keys, so launch them first.
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP  # grouped-query attention: GROUP query heads share one kv head
+    start_m, off_bh, off_b, off_h, off_hkv = _query_block(H, GROUP, IS_CAUSAL, BLOCK_M)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K_base = K + off_b * stride_kb + off_hkv * stride_kh
@@ -297,16 +316,9 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Split the keys. diag = S - T shifts the causal diagonal to the bottom-right corner.
+    # Off-band keys unmasked, then the on-band ones masked. diag = S - T: the causal diagonal's offset.
     diag = S - T
-    if IS_CAUSAL:
-        # Off-band: key blocks every row of this block sees in full (last key <= first row + diag).
-        band_lo = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
-        # On-band: up to the last key the last row sees; keys beyond are never loaded.
-        band_hi = tl.maximum(tl.minimum(start_m + BLOCK_M + diag, S), band_lo)
-    else:
-        band_lo = (S // BLOCK_N) * BLOCK_N  # full blocks unmasked, the ragged tail masked
-        band_hi = S
+    band_lo, band_hi = _key_band(start_m, S, diag, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, band_lo, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
@@ -520,16 +532,8 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_hkv = _query_block(H, GROUP, IS_CAUSAL, BLOCK_M)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt
@@ -548,12 +552,7 @@ def _attn_bwd_dq(
 
     # The same key split as the forward: off-band unmasked, on-band masked, hidden blocks skipped.
     diag = S - T
-    if IS_CAUSAL:
-        band_lo = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
-        band_hi = tl.maximum(tl.minimum(start_m + BLOCK_M + diag, S), band_lo)
-    else:
-        band_lo = (S // BLOCK_N) * BLOCK_N
-        band_hi = S
+    band_lo, band_hi = _key_band(start_m, S, diag, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, band_lo, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
