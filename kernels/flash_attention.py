@@ -92,6 +92,7 @@ def _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M: tl.constexpr,
     shared memory to meet the scores (it did when a call served eight adjacent keys). Forward, both
     backward kernels and ``dropout_keep_mask`` call this same function.
     """
+    tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles (BLOCK_N) that are multiples of 32")
     g = start_n // 32 + tl.arange(0, BLOCK_N // 32)
     q = tl.arange(0, 4)
     counter = (offs_m[:, None, None] * tl.cdiv(S, 32) + g[None, :, None]) * 4 + q[None, None, :]

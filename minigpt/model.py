@@ -230,9 +230,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: projections into the residual stream scale with depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # Shapes as built. Under FSDP the parameters become 1-D views of each rank's shard, so decay groups
-        # and parameter counts are read from here, not from the live shapes.
-        self.param_shapes = {name: p.shape for name, p in self.named_parameters()}
+        # Shapes as built, by every name a parameter has (the tied matrix has two). Under FSDP the parameters
+        # become 1-D views of each rank's shard, so decay groups and counts are read from here.
+        self.param_shapes = {name: p.shape for name, p in self.named_parameters(remove_duplicate=False)}
+        self._n_params = sum(p.numel() for p in self.parameters())  # the tied matrix once
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, nn.Linear):
@@ -245,7 +246,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters; non_embedding leaves out the position embeddings (the token embedding counts, being
         tied to lm_head), as nanoGPT counts them."""
-        n = sum(shape.numel() for shape in self.param_shapes.values())
+        n = self._n_params
         n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd  # padding rows
         if non_embedding and not self.config.rope:
             n -= self.param_shapes["transformer.wpe.weight"].numel()

@@ -207,14 +207,15 @@ class GPTModule(L.LightningModule):
 
     def _gradient_norm(self) -> torch.Tensor:
         """The 2-norm of the whole gradient. Under FSDP each rank holds a shard of it: the squares are
-        summed over the ranks (under DDP every rank holds all of it, already averaged)."""
+        summed over the ranks, each shard counted once (under DDP every rank holds all of it)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        device = self.trainer.strategy.root_device
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-        if isinstance(self.trainer.strategy, FSDPStrategy):
+        strategy = self.trainer.strategy
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=strategy.root_device)
+        if isinstance(strategy, FSDPStrategy) and self.trainer.world_size > 1:
             squares = norm.float().square()
             torch.distributed.all_reduce(squares)
-            norm = squares.sqrt()
+            world, nodes = self.trainer.world_size, strategy.num_nodes
+            norm = (squares / shard_copies(strategy.sharding_strategy.name, world, nodes)).sqrt()
         return norm
 
     def configure_gradient_clipping(
@@ -274,6 +275,19 @@ class GPTModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             checkpoint["tokenizer"] = tokenizer_to_dict(datamodule.tokenizer)
+
+
+def shard_copies(sharding_strategy: str, world_size: int, num_nodes: int) -> int:
+    """How many ranks hold each gradient shard under an FSDP sharding strategy: FULL_SHARD and
+    SHARD_GRAD_OP split the gradient over all ranks, NO_SHARD keeps it whole on every rank, the HYBRID
+    strategies shard within a node and replicate across nodes."""
+    if sharding_strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        return 1
+    if sharding_strategy == "NO_SHARD":
+        return world_size
+    if sharding_strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        return num_nodes
+    raise ValueError(f"FSDP sharding_strategy {sharding_strategy!r} is not supported by the gradient norm")
 
 
 def clip_gradients(

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -79,11 +78,12 @@ def _gpt2() -> tiktoken.Encoding:
         ) from e
 
 
-def tiktoken_cache_dir() -> Path:
-    """The folder tiktoken reads downloaded files from (its rule: the environment, else a temp folder)."""
+def tiktoken_cache_dir() -> Path | None:
+    """The folder tiktoken keeps downloaded files in, by tiktoken's own rule (TIKTOKEN_CACHE_DIR, else
+    DATA_GYM_CACHE_DIR, else a temp folder); None when the variable is set empty, which turns caching off."""
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if os.environ.get(var):
-            return Path(os.environ[var])
+        if var in os.environ:
+            return Path(os.environ[var]) if os.environ[var] else None
     return Path(tempfile.gettempdir()) / "data-gym-cache"
 
 
@@ -91,7 +91,7 @@ def install_gpt2_ranks(path: Path | str, cache_dir: Path | str | None = None) ->
     """Copy GPT-2's rank file `path` into tiktoken's cache, where `tokenizer='gpt2'` finds it offline.
 
     The file is checked against the SHA-256 tiktoken expects; tiktoken names cached files by the SHA-1
-    of their URL."""
+    of their URL. Written to a temporary name first, so a reader never sees half a file."""
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_RANKS_SHA256:
@@ -100,9 +100,13 @@ def install_gpt2_ranks(path: Path | str, cache_dir: Path | str | None = None) ->
             "(the file tiktoken calls r50k_base.tiktoken)"
         )
     folder = Path(cache_dir) if cache_dir is not None else tiktoken_cache_dir()
+    if folder is None:
+        raise ValueError("TIKTOKEN_CACHE_DIR is set empty, which turns tiktoken's cache off; pass a folder")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
-    shutil.copyfile(path, target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
     return target
 
 

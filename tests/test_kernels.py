@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 # The module itself: ``kernels`` re-exports the function under the module's name, so
 # ``import kernels.flash_attention as fa`` would give the function.
@@ -228,6 +229,36 @@ def test_dropout_keep_fraction_and_streams():
     assert (lanes - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (n / S * (S // 32)))
     assert torch.equal(keep, fa.dropout_keep_mask(seed.clone(), B, H, T, S, p))
     assert not torch.equal(keep, fa.dropout_keep_mask(seed + 1, B, H, T, S, p))
+
+
+@triton.jit
+def _raw_philox(Seed, Out, n, off_bh, BLOCK: tl.constexpr):
+    """The four raw 32-bit Philox4x32-7 outputs of counters [0, n) under one head's key."""
+    c = tl.arange(0, BLOCK)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(Seed) + (off_bh.to(tl.int64) << 32), c, n_rounds=7)
+    tl.store(Out + c * 4 + 0, r0.to(tl.int32, bitcast=True), mask=c < n)
+    tl.store(Out + c * 4 + 1, r1.to(tl.int32, bitcast=True), mask=c < n)
+    tl.store(Out + c * 4 + 2, r2.to(tl.int32, bitcast=True), mask=c < n)
+    tl.store(Out + c * 4 + 3, r3.to(tl.int32, bitcast=True), mask=c < n)
+
+
+def test_dropout_mask_follows_the_documented_philox_layout():
+    """Key 32g + 8o + 2q + e of row i is kept when half e of output o of the Philox call at counter
+    (i * cdiv(S, 32) + g) * 4 + q is at least p * 2**16 (the kernels' docstring, rebuilt by hand)."""
+    B, H, T, S, p = 1, 2, 5, 70, 0.3  # S not a multiple of 32: a ragged last group
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    keep = fa.dropout_keep_mask(seed, B, H, T, S, p).cpu()
+    groups = triton.cdiv(S, 32)
+    n = T * groups * 4
+    j = torch.arange(S)
+    g, o, q, e = j // 32, j % 32 // 8, j % 8 // 2, j % 2
+    for bh in range(B * H):
+        raw = torch.zeros(256 * 4, dtype=torch.int32, device=DEVICE)
+        _raw_philox[(1,)](seed, raw, n, bh, BLOCK=256)
+        raw = raw.cpu().view(256, 4).long() & 0xFFFFFFFF
+        i = torch.arange(T)[:, None]
+        numbers = raw[(i * groups + g) * 4 + q, o] >> (16 * e) & 0xFFFF  # (T, S)
+        assert torch.equal(keep[bh // H, bh % H], numbers >= int(p * 65536))
 
 
 @pytest.mark.parametrize("causal,layout", [(True, "contiguous"), (False, "transposed")])

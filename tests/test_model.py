@@ -342,6 +342,8 @@ def test_optimizer_groups_and_counts_survive_sharded_parameters():
     assert all(p.dim() == 1 for g in sharded.param_groups for p in g["params"])
     assert (model.num_params(), model.num_params(False)) == n
     assert _built_name("h.0._fsdp_wrapped_module._orig_mod.attn.c_attn.weight") == "h.0.attn.c_attn.weight"
+    # the tied matrix is known by both its names, whichever one a wrapper reports
+    assert model.param_shapes["lm_head.weight"] == model.param_shapes["transformer.wte.weight"]
 
 
 def test_padded_vocabulary_trains_and_predicts_like_the_unpadded_one():

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import tiktoken
-import tiktoken.load
 
 from minigpt.tokenizer import (
     EOT,
@@ -15,7 +14,6 @@ from minigpt.tokenizer import (
     byte_tokenizer,
     install_gpt2_ranks,
     load_tokenizer,
-    tiktoken_cache_dir,
     tokenizer_from_dict,
     tokenizer_to_dict,
     vocab_size_for,
@@ -152,7 +150,7 @@ def test_gpt2_round_trip():
     assert back.encode_ordinary(SAMPLES[1]) == enc.encode_ordinary(SAMPLES[1])
 
 
-def test_install_gpt2_ranks_checks_the_hash_and_names_the_file_as_tiktoken_does(tmp_path):
+def test_install_gpt2_ranks_rejects_another_file(tmp_path):
     wrong = tmp_path / "not_gpt2.tiktoken"
     wrong.write_bytes(b"aGVsbG8= 0\n")
     with pytest.raises(ValueError, match="not GPT-2's rank file"):
@@ -160,14 +158,37 @@ def test_install_gpt2_ranks_checks_the_hash_and_names_the_file_as_tiktoken_does(
     assert not (tmp_path / "cache").exists()
 
 
-def test_install_gpt2_ranks_lets_tiktoken_load_offline(tmp_path, monkeypatch):
-    # tiktoken's own file, found only where a previous download or install left it
-    cached = tiktoken_cache_dir() / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
-    if not cached.exists():
-        pytest.skip("GPT-2's rank file is not on this machine")
-    target = install_gpt2_ranks(cached, tmp_path)
-    assert target.name == cached.name and target.read_bytes() == cached.read_bytes()
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+def test_installed_ranks_are_what_tiktoken_reads_offline(tmp_path, monkeypatch):
+    """A (small, fake) rank file installed under tiktoken's name for GPT-2's URL is read back by tiktoken's
+    own cache reader, with the network read forbidden."""
+    import tiktoken.load
+
+    fake = tmp_path / "ranks.tiktoken"
+    fake.write_bytes(b"IQ== 0\nIg== 1\n")
+    digest = hashlib.sha256(fake.read_bytes()).hexdigest()
+    monkeypatch.setattr("minigpt.tokenizer.GPT2_RANKS_SHA256", digest)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    target = install_gpt2_ranks(fake)
+    assert target.parent == tmp_path / "cache" and not list(target.parent.glob("*.tmp"))
     monkeypatch.setattr(tiktoken.load, "read_file", lambda url: pytest.fail(f"network read of {url}"))
-    ranks = tiktoken.load.load_tiktoken_bpe(GPT2_RANKS_URL, expected_hash=GPT2_RANKS_SHA256)
-    assert len(ranks) == 50256
+    assert tiktoken.load.load_tiktoken_bpe(GPT2_RANKS_URL, expected_hash=digest) == {b"!": 0, b'"': 1}
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's switch for "no cache"
+    with pytest.raises(ValueError, match="set empty"):
+        install_gpt2_ranks(fake)
+
+
+def test_gpt2_is_tiktokens_r50k_base_file():
+    """The URL and hash we install under are the ones tiktoken's r50k_base (= its gpt2 ranks) loads."""
+    import tiktoken_ext.openai_public as openai_public
+
+    seen = {}
+
+    def record(url, expected_hash=None):
+        seen.update(url=url, expected_hash=expected_hash)
+        return {b"a": 0}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(openai_public, "load_tiktoken_bpe", record)
+        spec = openai_public.r50k_base()
+    assert seen == {"url": GPT2_RANKS_URL, "expected_hash": GPT2_RANKS_SHA256}
+    assert spec["special_tokens"] == {EOT: 50256} and spec["explicit_n_vocab"] == 50257

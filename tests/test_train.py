@@ -307,3 +307,13 @@ def test_fsdp_two_gpus_train_and_resume(workdir, tmp_path):
     assert all(a[s] == pytest.approx(b[s], rel=1e-3) for s in range(10)), (a, b)
     assert a[9] < a[0]
     assert len(read_metric(straight, "val/loss")) == 3
+
+
+def test_fsdp_gradient_norm_counts_each_shard_once():
+    from minigpt.module import shard_copies
+
+    assert shard_copies("FULL_SHARD", 8, 2) == 1 and shard_copies("SHARD_GRAD_OP", 8, 2) == 1
+    assert shard_copies("NO_SHARD", 8, 2) == 8  # every rank holds the whole gradient
+    assert shard_copies("HYBRID_SHARD", 8, 2) == 2  # sharded within a node, one copy per node
+    with pytest.raises(ValueError, match="not supported"):
+        shard_copies("SOMETHING_NEW", 8, 2)
