@@ -259,22 +259,29 @@ def test_cuda_graphs_train_like_eager(tmp_path, attention):
     assert all(0.9 < r < 1.1 for r in grad_ratio), grad_ratio
 
 
-def test_ddp_two_processes_train_and_resume(workdir, tmp_path):
-    """Lightning DDP with 2 processes (CPU, gloo): metrics come once per step from rank zero, validation is
-    reduced over the ranks, and a run resumed under DDP continues the straight run's trajectory."""
+def straight_and_resumed(workdir: Path, tmp_path: Path, *launch: str, env: dict | None = None):
+    """Train tiny.yaml 10 steps straight, and 6 steps then resumed to 10, each time with the launch arguments
+    (devices, strategy); returns the two run folders."""
 
     def train(name: str, *extra: str) -> Path:
         args = tiny_args(workdir, "--out_dir", str(tmp_path), "--run_name", name, "--wandb_mode", "disabled")
-        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-        args += ["--trainer.val_check_interval", "3", "--model.lr_decay_steps", "10", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        args += [*launch, "--trainer.val_check_interval", "3", "--model.lr_decay_steps", "10", *extra]
         subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, env=env, timeout=600,
                        capture_output=True)  # fmt: skip
         return tmp_path / name
 
     straight = train("straight", "--trainer.max_steps", "10")
     train("resumed", "--trainer.max_steps", "6")
-    resumed = train("resumed", "--trainer.max_steps", "10", "--ckpt_path", "last")
+    return straight, train("resumed", "--trainer.max_steps", "10", "--ckpt_path", "last")
+
+
+def test_ddp_two_processes_train_and_resume(workdir, tmp_path):
+    """Lightning DDP with 2 processes (CPU, gloo): metrics come once per step from rank zero, validation is
+    reduced over the ranks, and a run resumed under DDP continues the straight run's trajectory."""
+    straight, resumed = straight_and_resumed(
+        workdir, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
     a, b = read_metric(straight, "train/loss"), read_metric(resumed, "train/loss")
     assert sorted(a) == sorted(b) == list(range(10))
     assert all(a[s] == pytest.approx(b[s], abs=1e-6) for s in range(10)), (a, b)
@@ -290,18 +297,10 @@ def test_ddp_two_processes_train_and_resume(workdir, tmp_path):
 def test_fsdp_two_gpus_train_and_resume(workdir, tmp_path):
     """Lightning FSDP on two GPUs with the triton backend: trains, and a run resumed from its sharded
     training's checkpoint continues the straight run's trajectory."""
-
-    def train(name: str, *extra: str) -> Path:
-        args = tiny_args(workdir, "--out_dir", str(tmp_path), "--run_name", name, "--wandb_mode", "disabled")
-        args += ["--trainer.accelerator", "gpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp"]
-        args += ["--model.attention", "triton", "--trainer.val_check_interval", "3"]
-        args += ["--model.lr_decay_steps", "10", *extra]
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, timeout=600)
-        return tmp_path / name
-
-    straight = train("straight", "--trainer.max_steps", "10")
-    train("resumed", "--trainer.max_steps", "6")
-    resumed = train("resumed", "--trainer.max_steps", "10", "--ckpt_path", "last")
+    straight, resumed = straight_and_resumed(
+        workdir, tmp_path, "--trainer.accelerator", "gpu", "--trainer.devices", "2",
+        "--trainer.strategy", "fsdp", "--model.attention", "triton",
+    )  # fmt: skip
     a, b = read_metric(straight, "train/loss"), read_metric(resumed, "train/loss")
     assert sorted(a) == sorted(b) == list(range(10))
     assert all(a[s] == pytest.approx(b[s], rel=1e-3) for s in range(10)), (a, b)
