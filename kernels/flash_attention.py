@@ -199,25 +199,30 @@ def _autotuning() -> bool:
     return os.environ.get("MINIGPT_AUTOTUNE", "0") == "1"
 
 
-# Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: the autotuner's
-# choices on an H100 at the five benchmark shapes (bench/NOTES.md, v5). Small buckets want small tiles
-# (more programs for 132 SMs).
+# Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: the fastest of a
+# per-kernel sweep on an H100 (bench/NOTES.md, v5 and v8). Small buckets want small tiles (more programs for
+# 132 SMs); at D = 128 the dK/dV kernel holds two fp32 (BLOCK_N x 128) accumulators, which only long
+# sequences repay at BLOCK_N = 128.
 def _fwd_tile(bucket: int, block_d: int) -> tuple:
     if bucket >= 2048:
-        return (128, 128, 8, 3) if block_d > 64 else (128, 64, 8, 3)
-    return (64, 64, 4, 3) if bucket >= 512 else (64, 32, 4, 4)
+        if block_d > 64:
+            return (128, 128, 8, 3)
+        return (128, 64, 8, 4) if bucket >= 4096 else (128, 64, 8, 3)
+    if bucket >= 1024 or (bucket >= 512 and block_d <= 64):
+        return (64, 64, 4, 3)
+    return (64, 32, 4, 3)
 
 
 def _dkdv_tile(bucket: int, block_d: int) -> tuple:
     if block_d > 64:
-        return (64, 128, 8, 3) if bucket >= 1024 else (64, 64, 4, 3)
-    return (32, 64, 4, 4)
+        return (64, 128, 8, 3) if bucket >= 4096 else (64, 64, 4, 2)
+    return (32, 64, 4, 3)
 
 
 def _dq_tile(bucket: int, block_d: int) -> tuple:
-    if bucket >= 2048:
+    if bucket >= 2048 or (bucket >= 1024 and block_d > 64):
         return (128, 64, 8, 3)
-    return (64, 64, 4, 3) if bucket >= 1024 else (64, 32, 4, 4)
+    return (64, 64, 4, 2) if block_d > 64 else (64, 32, 4, 3)
 
 
 def _configs(gpu_list, interpret_tile):
@@ -230,14 +235,14 @@ def _configs(gpu_list, interpret_tile):
 # (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages)
 _FWD_CONFIGS = [
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-    (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
+    (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 32, 4, 3), (128, 64, 8, 4),
 ]
 _DKDV_CONFIGS = [  # BLOCK_N keys held per program, BLOCK_M queries streamed
     (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (64, 128, 4, 2),
-    (64, 64, 8, 3), (32, 128, 8, 3),
+    (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3),
 ]
 _DQ_CONFIGS = [  # BLOCK_M queries held per program, BLOCK_N keys streamed
-    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2),
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3),
 ]
 _AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"]  # dtypes join the key by themselves
 
@@ -613,18 +618,49 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
 
 
 _tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
+_compiled: dict = {}  # (kernel, tuning key, specialization) -> (compiled kernel, constexpr args, meta)
+_COMPILED_LIMIT = 512  # decoding grows T by one per call: a bound on what the cache keeps
 
 
-def _launch(kernel, grid, key: tuple, *args, **kwargs) -> None:
-    """Launch an autotuned kernel. The autotuner runs on the first call of each tuning key; later calls
-    launch its choice directly, skipping the autotuner's per-call bookkeeping (tens of microseconds of
-    Python, as long as a whole attention forward of the char GPT takes on the GPU)."""
-    config = _tuned.get((kernel, key))
-    if config is None:
-        kernel[grid](*args, **kwargs)
-        _tuned[(kernel, key)] = kernel.best_config
-    else:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+def _specialization(args: tuple) -> tuple:
+    """A key at least as fine as what Triton specializes a compiled kernel on: each integer's exact value
+    (Triton looks at == 1 and % 16), each tensor's dtype and 16-byte alignment. ``type(a) is`` tests and
+    no ``.device`` (a new object per call): this runs on the host's hot path, once per launch."""
+    return tuple([
+        a if type(a) is int else float if type(a) is float else (a.dtype, a.data_ptr() % 16 == 0)
+        for a in args
+    ])
+
+
+def _launch(kernel, grid, key: tuple | None, *args, **kwargs) -> None:
+    """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None). An autotuned
+    kernel's first call of a tuning key runs the autotuner. After that, every launch with arguments Triton
+    would specialize the same way goes to the compiled kernel directly, skipping the autotuner's and
+    Triton's per-call argument binding: with ~45 arguments that Python costs tens of microseconds, as long
+    as the char GPT's whole attention forward takes on the GPU."""
+    config = None
+    if isinstance(kernel, triton.runtime.Autotuner):
+        config = _tuned.get((kernel, key))
+        if config is None:
+            kernel[grid](*args, **kwargs)
+            _tuned[(kernel, key)] = kernel.best_config
+            return
+    spec = (kernel, key, args[0].get_device(), _specialization(args))  # compiled kernels are per device
+    hit = _compiled.get(spec)
+    if hit is not None:
+        compiled, constexprs, meta = hit
+        compiled[(*grid(meta), 1, 1)[:3]](*args, *constexprs)
+        return
+    # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel.
+    fn, options = (kernel.fn, config.all_kwargs()) if config else (kernel, {})
+    compiled = fn[grid](*args, **kwargs, **options)
+    if compiled is None or _interpreting():  # the interpreter compiles nothing
+        return
+    meta = {**kwargs, **(config.kwargs if config else {})}
+    constexprs = tuple(meta[name] for name in fn.arg_names[len(args):])  # in signature order
+    if len(_compiled) >= _COMPILED_LIMIT:
+        _compiled.clear()
+    _compiled[spec] = (compiled, constexprs, meta)
 
 
 def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed):
@@ -646,13 +682,22 @@ def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed
     return out, lse
 
 
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for ``t``, dense and with ``t``'s order of dimensions in memory. q, k, v are often
+    (B, T, H, D) views of one projection, transposed to (B, H, T, D): their gradients laid out the same way
+    let the projection's backward gather them with coalesced copies instead of a transpose (for GPT-2 small
+    at 64 x 1024 tokens, ~9 ms of a 142 ms step on an H100)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dimension first (stable on ties)
+    dense = _empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
+    return dense.permute([order.index(d) for d in range(t.dim())])
+
+
 def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, dropout_p: float, seed):
-    """(dq, dk, dv), contiguous. grad_out is read in place with its own strides, never copied."""
+    """(dq, dk, dv), each dense in the dimension order of its input (``_grad_like``). grad_out is read in
+    place with its own strides, never copied."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
-    dq = _empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dk = _empty((B, H_kv, S, D), dtype=k.dtype, device=q.device)
-    dv = _empty((B, H_kv, S, D), dtype=v.dtype, device=q.device)
+    dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     delta = _empty((B, H, T), dtype=torch.float32, device=q.device)
     consts = _kernel_consts(q, causal, dropout_p)
     seed_arg = seed if seed is not None else delta
@@ -661,7 +706,8 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
     key = (bucket, D, causal, dropout_p > 0.0, q.dtype)
 
     pre_block = 32 if _interpreting() else 64
-    _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * H)](
+    _launch(
+        _attn_bwd_preprocess, lambda meta: (triton.cdiv(T, pre_block), B * H), None,
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_block,
     )
@@ -703,10 +749,13 @@ class _FlashAttentionFunction(torch.autograd.Function):
         out, lse = _forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
         _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros allocated and filled for lse's gradient every backward
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if grad_out is None:  # the output took no part in the loss
+            return (None,) * 7
         return _input_grads(ctx, grad_out, _backward_impl)
 
 
@@ -738,8 +787,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, causal, sm_scale, dropout_p, seed):
-    contiguous = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
-    return contiguous(q), contiguous(k), contiguous(v)
+    return _grad_like(q), _grad_like(k), _grad_like(v)
 
 
 _forward_op.register_autograd(
@@ -760,11 +808,13 @@ def forced_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: in
                                           num_stages=num_stages)]
             kern.cache = {}
         _tuned.clear()
+        _compiled.clear()
         yield
     finally:
         for kern, (configs, cache) in zip(kernels, saved):
             kern.configs, kern.cache = configs, cache
         _tuned.clear()
+        _compiled.clear()
 
 
 # ----------------------------------------------------------------------------------------------------

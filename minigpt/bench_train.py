@@ -1,10 +1,12 @@
 """Profile one training step of a config, outside Lightning's loop.
 
     python -m minigpt.bench_train --config configs/shakespeare_char.yaml [--steps 50] [--warmup 10]
-        [--json bench.json] [--model.attention triton --model.compile true --data.batch_size 32 ...]
+        [--json bench.json] [--profile 3] [--model.attention triton --data.batch_size 32 ...]
 
 The command line is train.py's (the same LightningCLI parser, configs and overrides; train.py's run options
-such as ``--run_name`` are accepted and ignored), plus ``--steps``, ``--warmup`` and ``--json``. From the
+such as ``--run_name`` are accepted and ignored), plus ``--steps``, ``--warmup``, ``--json`` and ``--profile``
+(that many more steps under torch.profiler, then the kernels that took the most GPU time: where the next
+optimization starts). From the
 config it builds what training builds: the GPT of ``GPTModule`` (compiled when ``model.compile`` is true),
 its optimizer and schedule (``GPTModule.configure_optimizers``), the training batches of
 ``TextDataModule``, the precision of the Trainer (bf16 autocast on a GPU, fp32 on the CPU, unless
@@ -94,6 +96,11 @@ class BenchCLI(TrainCLI):
             "--warmup", type=int, default=10, help="Untimed steps first, for compilation and caches (>= 0)."
         )
         parser.add_argument("--json", type=str | None, default=None, help="Also write the numbers to a file.")
+        parser.add_argument(
+            "--profile", type=int, default=0,
+            help="Then run this many more steps under torch.profiler and list the kernels that took the most "
+            "time (GPU time on CUDA, operator self time on the CPU).",
+        )
 
     def before_instantiate_classes(self) -> None:
         # train.py's device defaults, but no run folder and no checkpoint: nothing is written
@@ -102,6 +109,8 @@ class BenchCLI(TrainCLI):
             self.parser.error(f"--steps must be >= 1, got {cfg.steps}")
         if cfg.warmup < 0:
             self.parser.error(f"--warmup must be >= 0, got {cfg.warmup}")
+        if cfg.profile < 0:
+            self.parser.error(f"--profile must be >= 0, got {cfg.profile}")
         self.attention_backend = settle_device_defaults(cfg)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
@@ -115,10 +124,17 @@ class BenchCLI(TrainCLI):
 
 
 def bench(
-    module: GPTModule, datamodule: TextDataModule, trainer: L.Trainer, steps: int = 50, warmup: int = 10
+    module: GPTModule,
+    datamodule: TextDataModule,
+    trainer: L.Trainer,
+    steps: int = 50,
+    warmup: int = 10,
+    profile: int = 0,
 ) -> dict:
     """Train `warmup` + `steps` steps of `module` on `datamodule`'s batches with `trainer`'s device,
-    precision and clipping; returns the mean step split of the timed steps (see the module doc)."""
+    precision and clipping; returns the mean step split of the timed steps (see the module doc). With
+    `profile` > 0, that many more free-running steps run under torch.profiler: "top_kernels" lists the
+    kernels (operators on a CPU) that took the most time per step."""
     if _scales_loss(trainer):
         raise ValueError(f"trainer.precision={trainer.precision!r}: {_NO_SCALING}")
     device = trainer.strategy.root_device
@@ -204,6 +220,8 @@ def bench(
         free_ms = (time.perf_counter() - start) * 1e3 / steps
         if timer is not None:
             timer.flush()
+        first = warmup + 2 * steps
+        top = _top_kernels(lambda i: step(first + i, measure=False), profile, device) if profile else None
     finally:
         model.set_attention_timer(None)
 
@@ -243,8 +261,35 @@ def bench(
         "peak_tflops": peak,
         "mfu": model.flops_per_token() * tokens_per_s / (peak * 1e12) if peak else None,
         "loss": timed[-1]["loss"],
+        "profiled_steps": profile,
+        "top_kernels": top,
     }
     return result
+
+
+def _top_kernels(step, n_steps: int, device: torch.device, top: int = 15) -> list[dict]:
+    """Run step(0) .. step(n_steps - 1) under torch.profiler; the `top` kernels by GPU time (on a CPU: the
+    operators by self time), each with its time and calls per step and its share of the profiled total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for i in range(n_steps):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+    spent = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages() if spent(e) > 0), key=spent, reverse=True)
+    total = sum(spent(e) for e in events)
+    return [
+        {
+            "name": e.key,
+            "ms_per_step": spent(e) / 1e3 / n_steps,
+            "calls_per_step": e.count / n_steps,
+            "share": spent(e) / total,
+        }
+        for e in events[:top]
+    ]
 
 
 def format_table(r: dict) -> str:
@@ -278,6 +323,13 @@ def format_table(r: dict) -> str:
         else f"MFU       - (no known bf16 peak for {r['device']})",
         f"loss      {r['loss']:.4f} at the last step",
     ]
+    if r.get("top_kernels"):
+        what = "GPU time" if r["device"] != "cpu" else "operator self time"
+        lines += ["", f"top kernels by {what} ({r['profiled_steps']} profiled steps, free-running)",
+                  f"{'ms/step':>9}{'calls':>7}{'share':>8}  name"]
+        for k in r["top_kernels"]:
+            name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
+            lines.append(f"{k['ms_per_step']:>9.3f}{k['calls_per_step']:>7.0f}{k['share']:>8.1%}  {name}")
     if r["compile"] and r["time_attention"]:
         lines.append(
             "note: attention timing breaks the compiled graph at every attention call; "
@@ -303,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
         args=argv,
     )
     cfg = cli.config
-    result = bench(cli.model, cli.datamodule, cli.trainer, steps=cfg.steps, warmup=cfg.warmup)
+    result = bench(
+        cli.model, cli.datamodule, cli.trainer, steps=cfg.steps, warmup=cfg.warmup, profile=cfg.profile
+    )
     configs = cfg.get("config") or []
     result = {"config": str(configs[-1]) if configs else None, **result}
     print(format_table(result))

@@ -87,12 +87,25 @@ def test_accumulation_and_no_attention_timing(workdir):
     check_split(r)
 
 
+def test_profile_lists_the_costliest_kernels(workdir, capsys):
+    r = main(tiny_args(workdir, "--steps", "2", "--warmup", "1", "--profile", "2"))
+    top = r["top_kernels"]
+    assert r["profiled_steps"] == 2 and 0 < len(top) <= 15
+    spent = [k["ms_per_step"] for k in top]
+    assert all(t > 0 for t in spent) and spent == sorted(spent, reverse=True), spent
+    assert 0 < sum(k["share"] for k in top) <= 1 + 1e-9
+    assert any("mm" in k["name"] or "linear" in k["name"] for k in top), [k["name"] for k in top]
+    assert "top kernels by operator self time (2 profiled steps" in capsys.readouterr().out
+    assert main(tiny_args(workdir, "--steps", "1", "--warmup", "0"))["top_kernels"] is None
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--model.n_layers", "3"], "n_layers"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--profile", "-1"], "--profile must be >= 0, got -1"),
     ],
 )
 def test_bad_options_fail_clearly(workdir, capsys, extra, message):

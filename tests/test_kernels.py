@@ -356,6 +356,18 @@ def test_opcheck():
                            0.0, None))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "fused", "dmajor"])
+def test_gradients_are_dense_in_the_inputs_layout(layout):
+    """dq, dk, dv come out dense with the dimension order of q, k, v in memory: for (B, T, H, D) views of
+    a fused projection that is (B, T, H, D), which the projection's backward gathers without a transpose."""
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(1, 4, 2, 17, 17, 16, torch.float32, layout))
+    grads = torch.autograd.grad(flash_attention(q, k, v).sum(), (q, k, v))  # .grad would re-lay them out
+    order = lambda t: sorted(range(4), key=lambda d: -t.stride(d))
+    for x, g in zip((q, k, v), grads):
+        assert order(g) == order(x), (layout, x.stride(), g.stride())
+        assert g.permute(order(x)).is_contiguous()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inputs the kernel cannot take: a clear error before anything launches
 # ----------------------------------------------------------------------------------------------------
@@ -557,3 +569,13 @@ def test_default_tiles_skip_autotuning(monkeypatch):
     monkeypatch.delenv("MINIGPT_AUTOTUNE")
     tiny = prune(configs, {"Q": q, "SEQ_BUCKET": 16, "BLOCK_D": 64})  # every tile exceeds T: the smallest
     assert [tile(c) for c in tiny] == [(64, 32, 4, 4)]
+
+
+def test_every_default_tile_is_a_listed_config():
+    """The pruner picks the default tile out of the config list; a default missing from it would fall back
+    to another tile without a word."""
+    for tile_of, listed in ((fa._fwd_tile, fa._FWD_CONFIGS), (fa._dkdv_tile, fa._DKDV_CONFIGS),
+                            (fa._dq_tile, fa._DQ_CONFIGS)):
+        for bucket in (2**i for i in range(4, 16)):
+            for block_d in (16, 32, 64, 128):
+                assert tile_of(bucket, block_d) in listed, (tile_of.__name__, bucket, block_d)

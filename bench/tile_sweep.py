@@ -1,0 +1,177 @@
+"""Per-kernel tile sweep: every (BLOCK_M, BLOCK_N, warps, stages) of the forward, dK/dV and dQ kernels,
+each kernel timed alone, at the sequence-length sweep's shapes (B*T = 16384 tokens, H*D = 2048, bf16, causal).
+
+    python bench/tile_sweep.py OUT_DIR [--dims 64,128] [--seqs 256,512,...] [--workers 14]
+
+The default tiles of kernels/flash_attention.py (``_fwd_tile``, ``_dkdv_tile``, ``_dq_tile``) are read off
+its output. Compiling ~100 configs per head dim one after another takes minutes, so worker processes
+compile them first (they fill Triton's on-disk cache; the timing process then loads them). Writes
+OUT_DIR/tiles.jsonl: one line per (D, T) with ours / sdpa / flex forward and backward in ms, then one line per
+(D, T, kernel, tile) with its median ms and its largest difference from the first tile's output (relative
+to the output's largest value: a wrong tile shows). Prints the fastest tile against the default per kernel.
+GPU only; run from the repository root with PYTHONPATH=.
+"""
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from kernels import bench
+
+# the module (the package re-exports its function under the same name)
+fa = importlib.import_module("kernels.flash_attention")
+LOG2E = 1.4426950408889634
+KINDS = ("dkdv", "dq", "fwd")
+DEFAULT_TILE = {"fwd": fa._fwd_tile, "dkdv": fa._dkdv_tile, "dq": fa._dq_tile}
+
+
+def tiles(kind: str, D: int) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages) to try for one kernel and head dim."""
+    stages = (2, 3, 4) if D <= 64 else (2, 3)
+    if kind == "dkdv":
+        blocks = [(bm, bn) for bm, bn in itertools.product((16, 32, 64, 128), (32, 64, 128))
+                  if bm * bn <= 128 * 64 and not (bm == 16 and bn < 64)]
+        stages = (1, *stages)
+    else:
+        rows, largest = ((64, 128), 128 * 128) if kind == "fwd" else ((32, 64, 128), 128 * 64)
+        blocks = [(bm, bn) for bm, bn in itertools.product(rows, (32, 64, 128)) if bm * bn <= largest]
+    return [(bm, bn, w, s) for (bm, bn), w, s in itertools.product(blocks, (4, 8), stages)]
+
+
+def inputs(T: int, D: int) -> dict:
+    """q, k, v, dO, and the forward's out and lse and the backward's delta, at the sweep's shape for T, D."""
+    B, H = 16384 // T, 2048 // D
+    g = torch.Generator(device="cuda").manual_seed(T * 1000 + D)
+    rand = lambda: torch.randn(B, H, T, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    q, k, v, do = (rand() for _ in range(4))
+    scale = 1.0 / math.sqrt(D)
+    out, lse = fa._forward_impl(q, k, v, True, scale, 0.0, None)
+    delta = (out.float() * do.float()).sum(-1).contiguous()
+    return dict(B=B, H=H, T=T, D=D, q=q, k=k, v=v, do=do, out=out, lse=lse, delta=delta, scale=scale)
+
+
+def launcher(kind: str, tile: tuple, x: dict):
+    """(a function that launches one kernel with this tile, the tensors it writes)."""
+    bm, bn, warps, stages = tile
+    B, H, T, D, scale = x["B"], x["H"], x["T"], x["D"], x["scale"]
+    q, k, v, do, lse, delta = x["q"], x["k"], x["v"], x["do"], x["lse"], x["delta"]
+    meta = dict(HEAD_DIM=D, BLOCK_D=D, IS_CAUSAL=True, HAS_DROPOUT=False, DOT_PRECISION="tf32",
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bucket = fa._seq_bucket(T, T)
+    scalars = (scale * LOG2E, 0.0, 1.0, bucket)  # log2-scaled score scale, dropout p, 1 / keep, bucket
+    if kind == "fwd":
+        out = torch.empty((B, T, H, D), dtype=q.dtype, device="cuda").transpose(1, 2)
+        lse_out = torch.empty_like(lse)
+        grid = (triton.cdiv(T, bm), B * H)
+        return (lambda: fa._attn_fwd.fn[grid](
+            q, k, v, out, lse_out, lse_out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, 1, T, T, *scalars, **meta)), (out,)
+    if kind == "dkdv":
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        grid = (triton.cdiv(T, bn), B * H)
+        return (lambda: fa._attn_bwd_dkdv.fn[grid](
+            q, k, v, do, lse, delta, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dk.stride(), *dv.stride(), H, H, 1, T, T, scale, *scalars, **meta)), (dk, dv)
+    dq = torch.empty_like(q)
+    grid = (triton.cdiv(T, bm), B * H)
+    return (lambda: fa._attn_bwd_dq.fn[grid](
+        q, k, v, do, lse, delta, dq, lse, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *dq.stride(), H, 1, T, T, scale, *scalars, **meta)), (dq,)
+
+
+def jobs(dims: list[int]) -> list[tuple]:
+    return [(kind, D, tile) for D in dims for kind in KINDS for tile in tiles(kind, D)]
+
+
+def compile_share(dims: list[int], worker: int, workers: int) -> None:
+    """Worker process: launch every workers-th job once at T = 256 (same specialization as every T of the
+    sweep: all are multiples of 16), so its compiled kernel lands in Triton's cache."""
+    xs = {D: inputs(256, D) for D in dims}
+    for i, (kind, D, tile) in enumerate(jobs(dims)):
+        if i % workers == worker:
+            try:
+                launcher(kind, tile, xs[D])[0]()
+            except Exception:  # out of shared memory or registers: the timing pass records it
+                pass
+    torch.cuda.synchronize()
+
+
+def time_tiles(kind: str, x: dict, log) -> tuple | None:
+    """Time every tile of one kernel at one shape; returns (best tile, its ms)."""
+    reference, best = None, None
+    for tile in tiles(kind, x["D"]):
+        if tile[0] > x["T"] or tile[1] > x["T"]:
+            continue
+        record = dict(D=x["D"], T=x["T"], kind=kind, tile=tile)
+        try:
+            fn, written = launcher(kind, tile, x)
+            for t in written:
+                t.fill_(float("nan"))  # an element a tile fails to write stays NaN
+            fn()
+            got = [t.float() for t in written]
+            reference = reference or got
+            diffs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, reference)]
+            record["rel_diff"] = max(diffs)
+            record["ms"] = do_bench(fn, warmup=25, rep=60, return_mode="median")
+        except Exception as e:
+            record["error"] = type(e).__name__
+        log(record)
+        if "ms" in record and (best is None or record["ms"] < best[1]):
+            best = (tile, record["ms"])
+    return best
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--dims", default="128,64")
+    p.add_argument("--seqs", default="256,512,1024,2048,4096,8192,16384")
+    p.add_argument("--workers", type=int, default=14)
+    p.add_argument("--compile-share", nargs=2, type=int, metavar=("I", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    dims = [int(d) for d in args.dims.split(",")]
+    if args.compile_share:
+        compile_share(dims, *args.compile_share)
+        return
+    start = time.time()
+    cmd = [sys.executable, __file__, str(args.out), "--dims", args.dims, "--compile-share"]
+    procs = [subprocess.Popen([*cmd, str(i), str(args.workers)]) for i in range(args.workers)]
+    for proc in procs:
+        proc.wait()
+    print(f"compiled in {time.time() - start:.0f} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "tiles.jsonl", "w") as f:
+        def log(record):
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+        for D in dims:
+            for T in (int(t) for t in args.seqs.split(",")):
+                x = inputs(T, D)
+                peers = {}
+                for name in ("ours", "sdpa", "flex"):
+                    fn, context = bench.make_provider(name, x["q"], x["k"], True)
+                    q, k, v = (x[n].detach().clone().requires_grad_() for n in "qkv")
+                    with context():
+                        peers[name] = {m: bench.time_mode(fn, q, k, v, m) for m in ("fwd", "bwd")}
+                log(dict(D=D, T=T, peers=peers))
+                print(f"D={D} T={T} " + json.dumps(peers), flush=True)
+                for kind in KINDS:
+                    best = time_tiles(kind, x, log)
+                    default = DEFAULT_TILE[kind](fa._seq_bucket(T, T), D)
+                    print(f"  {kind}: fastest {best}, default {default}", flush=True)
+    print(f"total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
