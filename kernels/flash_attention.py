@@ -199,8 +199,8 @@ def _autotuning() -> bool:
     return os.environ.get("MINIGPT_AUTOTUNE", "0") == "1"
 
 
-# Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: the fastest of a
-# per-kernel sweep on an H100 (bench/NOTES.md, v5 and v8). Small buckets want small tiles (more programs for
+# Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: chosen from a
+# per-kernel sweep on an H100 (bench/NOTES.md, v5 and v8; the fastest, or within 3% of it). Small buckets want small tiles (more programs for
 # 132 SMs); at D = 128 the dK/dV kernel holds two fp32 (BLOCK_N x 128) accumulators, which only long
 # sequences repay at BLOCK_N = 128.
 def _fwd_tile(bucket: int, block_d: int) -> tuple:
@@ -618,16 +618,19 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
 
 
 _tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
-_compiled: dict = {}  # (kernel, tuning key, specialization) -> (compiled kernel, constexpr args, meta)
+_compiled: dict = {}  # (kernel, tuning key, device, constexprs, specialization) -> (compiled, constexprs, meta)
 _COMPILED_LIMIT = 512  # decoding grows T by one per call: a bound on what the cache keeps
 
 
 def _specialization(args: tuple) -> tuple:
     """A key at least as fine as what Triton specializes a compiled kernel on: each integer's exact value
-    (Triton looks at == 1 and % 16), each tensor's dtype and 16-byte alignment. ``type(a) is`` tests and
-    no ``.device`` (a new object per call): this runs on the host's hot path, once per launch."""
+    (Triton looks at == 1, % 16 and the int32 range), each tensor's dtype and 16-byte alignment, any other
+    value as itself. ``type(a) is`` tests first and no ``.device`` (a new object per call): this runs on the
+    host's hot path, once per launch. Exact integers make a decoding step (S grows by one) miss, which costs
+    what Triton's own path costs; training repeats its shapes and hits."""
     return tuple([
-        a if type(a) is int else float if type(a) is float else (a.dtype, a.data_ptr() % 16 == 0)
+        a if type(a) is int else float if type(a) is float
+        else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
         for a in args
     ])
 
@@ -645,16 +648,22 @@ def _launch(kernel, grid, key: tuple | None, *args, **kwargs) -> None:
             kernel[grid](*args, **kwargs)
             _tuned[(kernel, key)] = kernel.best_config
             return
-    spec = (kernel, key, args[0].get_device(), _specialization(args))  # compiled kernels are per device
+    fn, options = (kernel.fn, config.all_kwargs()) if config else (kernel, {})
+    if _interpreting():  # the interpreter compiles nothing: nothing to keep
+        fn[grid](*args, **kwargs, **options)
+        return
+    # Compiled kernels belong to the current device, as in Triton's own cache. The direct launch skips what
+    # JITFunction.run checks per call besides binding (pre-run hooks, changed globals, debug knobs): none of
+    # them applies to these kernels.
+    spec = (kernel, key, torch.cuda.current_device(), tuple(kwargs.values()), _specialization(args))
     hit = _compiled.get(spec)
     if hit is not None:
         compiled, constexprs, meta = hit
         compiled[(*grid(meta), 1, 1)[:3]](*args, *constexprs)
         return
     # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel.
-    fn, options = (kernel.fn, config.all_kwargs()) if config else (kernel, {})
     compiled = fn[grid](*args, **kwargs, **options)
-    if compiled is None or _interpreting():  # the interpreter compiles nothing
+    if compiled is None:
         return
     meta = {**kwargs, **(config.kwargs if config else {})}
     constexprs = tuple(meta[name] for name in fn.arg_names[len(args):])  # in signature order
@@ -683,13 +692,14 @@ def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed
 
 
 def _grad_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty gradient for ``t``, dense and with ``t``'s order of dimensions in memory. q, k, v are often
-    (B, T, H, D) views of one projection, transposed to (B, H, T, D): their gradients laid out the same way
-    let the projection's backward gather them with coalesced copies instead of a transpose (for GPT-2 small
-    at 64 x 1024 tokens, ~9 ms of a 142 ms step on an H100)."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dimension first (stable on ties)
+    """An empty gradient for the (B, H, T, D) tensor ``t``: dense, the head dim innermost (coalesced stores),
+    B, H and T in ``t``'s order in memory. q, k, v are often (B, T, H, D) views of one projection, transposed
+    to (B, H, T, D): their gradients laid out the same way let the projection's backward gather them with
+    coalesced copies instead of a transpose (for GPT-2 small at 64 x 1024 tokens, 9.3 ms of a 139 ms step
+    on an H100, bench/NOTES.md v8)."""
+    order = [*sorted(range(3), key=lambda d: -t.stride(d)), 3]  # outermost first (stable on ties), D last
     dense = _empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
-    return dense.permute([order.index(d) for d in range(t.dim())])
+    return dense.permute([order.index(d) for d in range(4)])
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, dropout_p: float, seed):
