@@ -648,9 +648,9 @@ def _launch(kernel, grid, key: tuple | None, *args, **kwargs) -> None:
             kernel[grid](*args, **kwargs)
             _tuned[(kernel, key)] = kernel.best_config
             return
-    fn, options = (kernel.fn, config.all_kwargs()) if config else (kernel, {})
+    fn = kernel.fn if config else kernel
     if _interpreting():  # the interpreter compiles nothing: nothing to keep
-        fn[grid](*args, **kwargs, **options)
+        fn[grid](*args, **kwargs, **(config.all_kwargs() if config else {}))
         return
     # Compiled kernels belong to the current device, as in Triton's own cache. The direct launch skips what
     # JITFunction.run checks per call besides binding (pre-run hooks, changed globals, debug knobs): none of
@@ -662,7 +662,7 @@ def _launch(kernel, grid, key: tuple | None, *args, **kwargs) -> None:
         compiled[(*grid(meta), 1, 1)[:3]](*args, *constexprs)
         return
     # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel.
-    compiled = fn[grid](*args, **kwargs, **options)
+    compiled = fn[grid](*args, **kwargs, **(config.all_kwargs() if config else {}))
     if compiled is None:
         return
     meta = {**kwargs, **(config.kwargs if config else {})}
