@@ -200,9 +200,9 @@ def _autotuning() -> bool:
 
 
 # Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: chosen from a
-# per-kernel sweep on an H100 (bench/NOTES.md, v5 and v8; the fastest, or within 3% of it). Small buckets want small tiles (more programs for
-# 132 SMs); at D = 128 the dK/dV kernel holds two fp32 (BLOCK_N x 128) accumulators, which only long
-# sequences repay at BLOCK_N = 128.
+# per-kernel sweep on an H100 (bench/tile_sweep.py; bench/NOTES.md v5 and v8), the fastest or within 3% of
+# it. Small buckets want small tiles (more programs for 132 SMs); at D = 128 the dK/dV kernel holds two fp32
+# (BLOCK_N x 128) accumulators, which only long sequences repay at BLOCK_N = 128.
 def _fwd_tile(bucket: int, block_d: int) -> tuple:
     if bucket >= 2048:
         if block_d > 64:
@@ -242,7 +242,8 @@ _DKDV_CONFIGS = [  # BLOCK_N keys held per program, BLOCK_M queries streamed
     (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3),
 ]
 _DQ_CONFIGS = [  # BLOCK_M queries held per program, BLOCK_N keys streamed
-    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3),
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2), (64, 64, 4, 2),
+    (64, 32, 4, 3),
 ]
 _AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"]  # dtypes join the key by themselves
 
@@ -618,8 +619,9 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
 
 
 _tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
-_compiled: dict = {}  # (kernel, tuning key, device, constexprs, specialization) -> (compiled, constexprs, meta)
-_COMPILED_LIMIT = 512  # decoding grows T by one per call: a bound on what the cache keeps
+# (kernel, tuning key, device, constexprs, specialization) -> (compiled kernel, constexprs, meta)
+_compiled: dict = {}
+_COMPILED_LIMIT = 512  # decoding grows S by one per call: a bound on what the cache keeps
 
 
 def _specialization(args: tuple) -> tuple:
