@@ -51,10 +51,9 @@ def tiles(kind: str, D: int) -> list[tuple]:
 
 def inputs(T: int, D: int) -> dict:
     """q, k, v, dO, and the forward's out and lse and the backward's delta, at the sweep's shape for T, D."""
-    B, H = 16384 // T, 2048 // D
-    g = torch.Generator(device="cuda").manual_seed(T * 1000 + D)
-    rand = lambda: torch.randn(B, H, T, D, generator=g, device="cuda", dtype=torch.bfloat16)
-    q, k, v, do = (rand() for _ in range(4))
+    ((B, H, T, D),) = bench.sweep_shapes([D], [T])
+    q, k, v = (t.detach() for t in bench.make_inputs(B, H, T, D, torch.bfloat16, seed=T * 1000 + D))
+    do = torch.randn_like(q)
     scale = 1.0 / math.sqrt(D)
     out, lse = fa._forward_impl(q, k, v, True, scale, 0.0, None)
     delta = (out.float() * do.float()).sum(-1).contiguous()
@@ -137,7 +136,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--dims", default="128,64")
-    p.add_argument("--seqs", default="256,512,1024,2048,4096,8192,16384")
+    p.add_argument("--seqs", default=",".join(map(str, bench.SWEEP_T)))
     p.add_argument("--workers", type=int, default=14)
     p.add_argument("--compile-share", nargs=2, type=int, metavar=("I", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
