@@ -1,15 +1,17 @@
-"""Per-kernel tile sweep: every (BLOCK_M, BLOCK_N, warps, stages) of the forward, dK/dV and dQ kernels,
-each kernel timed alone, at the sequence-length sweep's shapes (B*T = 16384 tokens, H*D = 2048, bf16, causal).
+"""Per-kernel tile sweep: every (BLOCK_M, BLOCK_N, warps, stages) of the forward kernel and of each role of
+the backward kernel (dK/dV, dQ, both in one grid), each launch timed alone, at the sequence-length sweep's
+shapes (B*T = 16384 tokens, H*D = 2048, bf16, causal).
 
-    python bench/tile_sweep.py OUT_DIR [--dims 64,128] [--seqs 256,512,...] [--workers 14]
+    python bench/tile_sweep.py OUT_DIR [--dims 64,128] [--seqs 256,512,...] [--kinds fwd,dkdv,...]
 
-The default tiles of kernels/flash_attention.py (``_fwd_tile``, ``_dkdv_tile``, ``_dq_tile``) are read off
-its output. Compiling 116-164 tiles per head dim one after another takes minutes, so worker processes
-compile them first (they fill Triton's on-disk cache; the timing process then loads them). Writes
-OUT_DIR/tiles.jsonl: one line per (D, T) with ours / sdpa / flex forward and backward in ms, then one line per
-(D, T, kernel, tile) with its median ms and its largest difference from the first tile's output (relative
-to the output's largest value: a wrong tile shows). Prints the fastest correct tile against the default
-per kernel.
+The default tiles and backward plans of kernels/flash_attention.py (``_fwd_tile``, ``_bwd_tile``,
+``_bwd_plan``) are read off its output. Compiling over a hundred tiles per head dim one after another
+takes minutes, so worker processes compile them first (they fill Triton's on-disk cache; the timing
+process then loads them). Writes OUT_DIR/tiles.jsonl: one line per (D, T) with ours / sdpa / flex forward
+and backward in ms, then one line per (D, T, kind, tile) with its median ms and its largest difference
+from the reference (the first forward tile's output; the default backward's gradients), relative to the
+reference's largest value: a wrong tile shows. Prints the fastest correct tile against the default per
+kind.
 GPU only; run from the repository root with PYTHONPATH=.
 """
 
@@ -32,39 +34,49 @@ from kernels import bench
 # the module (the package re-exports its function under the same name)
 fa = importlib.import_module("kernels.flash_attention")
 LOG2E = 1.4426950408889634
-KINDS = ("dkdv", "dq", "fwd")
-DEFAULT_TILE = {"fwd": fa._fwd_tile, "dkdv": fa._dkdv_tile, "dq": fa._dq_tile}
+# The backward kernel's roles: dQ programs (they store delta) then dK/dV programs (they read it), the
+# "split" plan; both kinds in one grid, the "one" plan.
+ROLES = {"dkdv": fa.ROLE_DKDV.value, "dq": fa.ROLE_DQ.value, "both": fa.ROLE_BOTH.value}
+KINDS = ("fwd", *ROLES)
 
 
-def tiles(kind: str, D: int) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, warps, stages) to try for one kernel and head dim."""
+def default_tile(kind: str, bucket: int, D: int) -> tuple:
+    return fa._fwd_tile(bucket, D) if kind == "fwd" else fa._bwd_tile(ROLES[kind], bucket, D)
+
+
+def tiles(kind: str, D: int, chosen: list[tuple] | None = None) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages) to try for one kernel role and head dim: ``chosen`` if given."""
+    if chosen:
+        return chosen
     stages = (2, 3, 4) if D <= 64 else (2, 3)
-    if kind == "dkdv":
+    if kind == "fwd":  # (BLOCK_M queries, BLOCK_N keys)
+        blocks = [(bm, bn) for bm, bn in itertools.product((64, 128), (32, 64, 128)) if bm * bn <= 128 * 128]
+    else:  # (BLOCK_M rows streamed, BLOCK_N rows held)
         blocks = [(bm, bn) for bm, bn in itertools.product((16, 32, 64, 128), (32, 64, 128))
                   if bm * bn <= 128 * 64 and not (bm == 16 and bn < 64)]
-        stages = (1, *stages)
-    else:
-        rows, largest = ((64, 128), 128 * 128) if kind == "fwd" else ((32, 64, 128), 128 * 64)
-        blocks = [(bm, bn) for bm, bn in itertools.product(rows, (32, 64, 128)) if bm * bn <= largest]
+        stages = (1, *stages) if kind == "dkdv" else stages
     return [(bm, bn, w, s) for (bm, bn), w, s in itertools.product(blocks, (4, 8), stages)]
 
 
 def inputs(T: int, D: int) -> dict:
-    """q, k, v, dO, and the forward's out and lse and the backward's delta, at the sweep's shape for T, D."""
+    """q, k, v, dO, the forward's out and lse, the backward's delta and its gradients from the default
+    launches (the reference for every backward tile), at the sweep's shape for T, D."""
     ((B, H, T, D),) = bench.sweep_shapes([D], [T])
     q, k, v = (t.detach() for t in bench.make_inputs(B, H, T, D, torch.bfloat16, seed=T * 1000 + D))
     do = torch.randn_like(q)
     scale = 1.0 / math.sqrt(D)
     out, lse = fa._forward_impl(q, k, v, True, scale, 0.0, None)
     delta = (out.float() * do.float()).sum(-1).contiguous()
-    return dict(B=B, H=H, T=T, D=D, q=q, k=k, v=v, do=do, out=out, lse=lse, delta=delta, scale=scale)
+    dq, dk, dv = fa._backward_impl(do, q, k, v, out, lse, True, scale, 0.0, None)
+    return dict(B=B, H=H, T=T, D=D, q=q, k=k, v=v, do=do, out=out, lse=lse, delta=delta, scale=scale,
+                grads=dict(dq=dq, dk=dk, dv=dv))
 
 
 def launcher(kind: str, tile: tuple, x: dict):
-    """(a function that launches one kernel with this tile, the tensors it writes)."""
+    """(a function that launches one kernel with this tile, the names of the tensors it writes, them)."""
     bm, bn, warps, stages = tile
     B, H, T, D, scale = x["B"], x["H"], x["T"], x["D"], x["scale"]
-    q, k, v, do, lse, delta = x["q"], x["k"], x["v"], x["do"], x["lse"], x["delta"]
+    q, k, v, do, out, lse, delta = x["q"], x["k"], x["v"], x["do"], x["out"], x["lse"], x["delta"]
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=True, HAS_DROPOUT=False,
                 DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     bucket = fa._seq_bucket(T, T)
@@ -75,29 +87,29 @@ def launcher(kind: str, tile: tuple, x: dict):
         grid = (triton.cdiv(T, bm), B * H)
         return (lambda: fa._attn_fwd.fn[grid](
             q, k, v, out, lse_out, lse_out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, 1, T, T, *scalars, **meta)), (out,)
-    if kind == "dkdv":
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        grid = (triton.cdiv(T, bn), B * H)
-        return (lambda: fa._attn_bwd_dkdv.fn[grid](
-            q, k, v, do, lse, delta, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            *dk.stride(), *dv.stride(), H, H, 1, T, T, scale, *scalars, **meta)), (dk, dv)
-    dq = torch.empty_like(q)
-    grid = (triton.cdiv(T, bm), B * H)
-    return (lambda: fa._attn_bwd_dq.fn[grid](
-        q, k, v, do, lse, delta, dq, lse, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dq.stride(), H, 1, T, T, scale, *scalars, **meta)), (dq,)
+            H, 1, T, T, *scalars, **meta)), ("out",), (out,)
+    role = ROLES[kind]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grid = (fa._bwd_programs(role, T, T, 1, bn), B * H)
+    if kind == "dq":  # it stores the delta it computes: not into the buffer the other kinds read
+        delta = torch.empty_like(delta)
+    names = {"dkdv": ("dk", "dv"), "dq": ("dq",)}.get(kind, ("dq", "dk", "dv"))
+    return (lambda: fa._attn_bwd.fn[grid](
+        q, k, v, out, do, lse, delta, dq, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), H, H, 1, T, T, scale, *scalars,
+        ROLE=role, **meta)), names, tuple(dict(dq=dq, dk=dk, dv=dv)[n] for n in names)
 
 
-def jobs(dims: list[int]) -> list[tuple]:
-    return [(kind, D, tile) for D in dims for kind in KINDS for tile in tiles(kind, D)]
+def jobs(dims: list[int], kinds: list[str], chosen: list[tuple] | None) -> list[tuple]:
+    return [(kind, D, tile) for D in dims for kind in kinds for tile in tiles(kind, D, chosen)]
 
 
-def compile_share(dims: list[int], worker: int, workers: int) -> None:
+def compile_share(dims: list[int], kinds: list[str], chosen: list[tuple] | None, worker: int,
+                  workers: int) -> None:
     """Worker process: launch every workers-th job once at T = 256 (same specialization as every T of the
     sweep: all are multiples of 16), so its compiled kernel lands in Triton's cache."""
     xs = {D: inputs(256, D) for D in dims}
-    for i, (kind, D, tile) in enumerate(jobs(dims)):
+    for i, (kind, D, tile) in enumerate(jobs(dims, kinds, chosen)):
         if i % workers == worker:
             try:
                 launcher(kind, tile, xs[D])[0]()
@@ -106,20 +118,21 @@ def compile_share(dims: list[int], worker: int, workers: int) -> None:
     torch.cuda.synchronize()
 
 
-def time_tiles(kind: str, x: dict, log) -> tuple | None:
+def time_tiles(kind: str, x: dict, log, chosen: list[tuple] | None = None) -> tuple | None:
     """Time every tile of one kernel at one shape; returns (best tile, its ms)."""
     reference, best = None, None
-    for tile in tiles(kind, x["D"]):
+    for tile in tiles(kind, x["D"], chosen):
         if tile[0] > x["T"] or tile[1] > x["T"]:
             continue
         record = dict(D=x["D"], T=x["T"], kind=kind, tile=tile)
         try:
-            fn, written = launcher(kind, tile, x)
+            fn, names, written = launcher(kind, tile, x)
             for t in written:
                 t.fill_(float("nan"))  # an element a tile fails to write stays NaN
             fn()
             got = [t.float() for t in written]
-            reference = reference or got
+            if reference is None:  # the first tile's output, or the default launches' gradients
+                reference = got if kind == "fwd" else [x["grads"][n].float() for n in names]
             diffs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, reference)]
             record["rel_diff"] = max(diffs)
             record["ms"] = do_bench(fn, warmup=25, rep=60, return_mode="median")
@@ -138,14 +151,20 @@ def main(argv=None) -> None:
     p.add_argument("--dims", default="128,64")
     p.add_argument("--seqs", default=",".join(map(str, bench.SWEEP_T)))
     p.add_argument("--workers", type=int, default=14)
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--tiles", default="", help="only these tiles, BMxBNxWARPSxSTAGES: 64x128x8x3,...")
+    p.add_argument("--peers", default="ours,sdpa,flex", help="providers timed at each shape ('' for none)")
     p.add_argument("--compile-share", nargs=2, type=int, metavar=("I", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dims = [int(d) for d in args.dims.split(",")]
+    kinds = args.kinds.split(",")
+    chosen = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",") if t]
     if args.compile_share:
-        compile_share(dims, *args.compile_share)
+        compile_share(dims, kinds, chosen, *args.compile_share)
         return
     start = time.time()
-    cmd = [sys.executable, __file__, str(args.out), "--dims", args.dims, "--compile-share"]
+    cmd = [sys.executable, __file__, str(args.out), "--dims", args.dims, "--kinds", args.kinds,
+           "--tiles", args.tiles, "--compile-share"]
     procs = [subprocess.Popen([*cmd, str(i), str(args.workers)]) for i in range(args.workers)]
     for proc in procs:
         proc.wait()
@@ -160,7 +179,7 @@ def main(argv=None) -> None:
             for T in (int(t) for t in args.seqs.split(",")):
                 x = inputs(T, D)
                 peers = {}
-                for name in ("ours", "sdpa", "flex"):
+                for name in filter(None, args.peers.split(",")):
                     try:
                         fn, context = bench.make_provider(name, x["q"], x["k"], True)
                     except bench.Unavailable as e:
@@ -171,9 +190,9 @@ def main(argv=None) -> None:
                         peers[name] = {m: bench.time_mode(fn, q, k, v, m) for m in ("fwd", "bwd")}
                 log(dict(D=D, T=T, peers=peers))
                 print(f"D={D} T={T} " + json.dumps(peers), flush=True)
-                for kind in KINDS:
-                    best = time_tiles(kind, x, log)
-                    default = DEFAULT_TILE[kind](fa._seq_bucket(T, T), D)
+                for kind in kinds:
+                    best = time_tiles(kind, x, log, chosen)
+                    default = default_tile(kind, fa._seq_bucket(T, T), D)
                     print(f"  {kind}: fastest {best}, default {default}", flush=True)
     print(f"total {time.time() - start:.0f} s")
 

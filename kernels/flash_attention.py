@@ -13,11 +13,15 @@ The parts, in the order a call uses them:
    blocks split in two: the off-band part left of the diagonal is fully visible and runs with no
    masking at all, the on-band part on the diagonal is masked element by element, and blocks right
    of the diagonal are never loaded. The row log-sum-exp is saved for the backward pass.
-2. ``_attn_bwd_preprocess``: ``delta = rowsum(dO * O)``, the term every softmax gradient row needs.
-3. ``_attn_bwd_dkdv``: grid over (key blocks, batch * kv heads). Each program holds its K and V block
-   and walks the query blocks of every query head that shares this kv head (grouped-query and
-   multi-query attention with no copies of K and V, and no atomics: results are deterministic).
-4. ``_attn_bwd_dq``: grid over (query blocks, batch * heads), walking key blocks like the forward.
+2. A dK/dV program holds one key block (its K and V stay on chip) and walks the query blocks of every
+   query head that shares this kv head (grouped-query and multi-query attention with no copies of K
+   and V, and no atomics: results are deterministic).
+3. A dQ program holds one query block and walks the key blocks like the forward. It computes
+   ``delta = rowsum(dO * O)``, the term every softmax gradient row needs, from its own tiles.
+4. ``_attn_bwd``: one kernel for both kinds of program. Long sequences launch it twice, dQ programs
+   (which store delta) then dK/dV programs, each with its own tile; short ones at D <= 64 launch both
+   kinds in one grid, where the dK/dV programs compute delta themselves: one launch, for shapes where
+   the host's launch cost rivals the GPU work.
 5. The launchers, and two doors to them: a plain ``torch.autograd.Function`` for eager calls (the
    cheapest host path) and the ``torch.library`` custom ops that ``torch.compile(fullgraph=True)``
    traces as single graph nodes. ``flash_attention`` validates its inputs and picks the door.
@@ -51,9 +55,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Plain-Python twins of triton.cdiv and triton.next_power_of_2 for the host's hot path (Triton's versions
+# unwrap constexpr arguments on every call).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 # Outputs are allocated through this name so a test can swap in NaN-filled buffers and prove that the
 # kernels write every element.
-_empty = torch.empty
+_empty_strided = torch.empty_strided
+
+
+def _alloc(shape, order, dtype, device) -> torch.Tensor:
+    """An empty dense tensor of ``shape`` whose dimensions lie in memory in ``order`` (outermost first): one
+    allocation, no view on top (each torch op costs host time, and small shapes are bound by it)."""
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return _empty_strided(shape, strides, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +176,7 @@ def _key_band(start_m, S, diag, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 # ----------------------------------------------------------------------------------------------------
 def _seq_bucket(T: int, S: int) -> int:
     """Autotune key: one tuning per power-of-two bucket of the longer sequence, not per length."""
-    return max(16, triton.next_power_of_2(max(T, S)))
+    return max(16, _next_power_of_2(max(T, S)))
 
 
 @functools.cache
@@ -167,7 +191,8 @@ def _make_pruner(smem_tiles, default_tile):
     unless MINIGPT_AUTOTUNE=1, keep only the default tile for this key, so nothing is benchmarked.
 
     ``smem_tiles(BLOCK_M, BLOCK_N, BLOCK_D, num_stages)`` estimates the elements staged in shared memory;
-    ``default_tile(bucket, BLOCK_D)`` gives the (BLOCK_M, BLOCK_N, warps, stages) used without tuning.
+    ``default_tile(args)`` gives the (BLOCK_M, BLOCK_N, warps, stages) used without tuning for the kernel's
+    arguments ``args`` (by name).
     """
 
     def prune(configs, named_args, **kwargs):
@@ -186,7 +211,7 @@ def _make_pruner(smem_tiles, default_tile):
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         if _autotuning() or len(kept) == 1:
             return kept
-        wanted = default_tile(bucket, block_d)
+        wanted = default_tile(args)
         tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         return [next((c for c in kept if tile(c) == wanted), kept[-1])]
 
@@ -213,16 +238,31 @@ def _fwd_tile(bucket: int, block_d: int) -> tuple:
     return (64, 32, 4, 3)
 
 
-def _dkdv_tile(bucket: int, block_d: int) -> tuple:
+# The roles of a backward launch (section 5): constexpr, so the kernel can read them as globals.
+ROLE_DKDV, ROLE_DQ, ROLE_BOTH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+def _bwd_tile(role: int, bucket: int, block_d: int) -> tuple:
+    """(BLOCK_M rows streamed, BLOCK_N rows held, warps, stages) of a backward launch in ``role``. At D = 128
+    a dK/dV program holds two fp32 (BLOCK_N x 128) accumulators, which only long sequences repay at
+    BLOCK_N = 128; a dQ program holds one, and takes 128 rows from T = 1024 on."""
     if block_d > 64:
-        return (64, 128, 8, 3) if bucket >= 4096 else (64, 64, 4, 2)
+        if role == ROLE_DQ.value and bucket >= 1024:
+            return (64, 128, 8, 3)
+        if bucket >= 4096:
+            return (64, 128, 8, 3)
+        return (64, 64, 4, 2)
+    if role == ROLE_DQ.value and bucket >= 2048:
+        return (64, 128, 8, 3)
     return (32, 64, 4, 3)
 
 
-def _dq_tile(bucket: int, block_d: int) -> tuple:
-    if bucket >= 2048 or (bucket >= 1024 and block_d > 64):
-        return (128, 64, 8, 3)
-    return (64, 64, 4, 2) if block_d > 64 else (64, 32, 4, 3)
+def _bwd_plan(bucket: int, block_d: int) -> str:
+    """How a backward is launched (bench/NOTES.md v9 has the sweep behind it): "one", a single ROLE_BOTH
+    launch, for short sequences at D <= 64 (the char GPT), where the host's cost per launch rivals the GPU
+    work and the GPU time ties the two launches; "split", ROLE_DQ then ROLE_DKDV, elsewhere (delta computed
+    once per row instead of once per dK/dV step, each kind with its own tile)."""
+    return "one" if block_d <= 64 and bucket <= 256 else "split"
 
 
 def _configs(gpu_list, interpret_tile):
@@ -237,13 +277,11 @@ _FWD_CONFIGS = [
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
     (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 32, 4, 3), (128, 64, 8, 4),
 ]
-_DKDV_CONFIGS = [  # BLOCK_N keys held per program, BLOCK_M queries streamed
-    (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (64, 128, 4, 2),
-    (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3),
-]
-_DQ_CONFIGS = [  # BLOCK_M queries held per program, BLOCK_N keys streamed
-    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2), (64, 64, 4, 2),
-    (64, 32, 4, 3),
+# BLOCK_M rows streamed, BLOCK_N rows held (keys by dK/dV programs, queries by dQ programs). Both are keys
+# in one role or the other, so both are multiples of 32 (see _dropout_keep).
+_BWD_CONFIGS = [
+    (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 4, 2),
+    (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2),
 ]
 _AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"]  # dtypes join the key by themselves
 
@@ -293,7 +331,9 @@ def _attn_fwd_inner(
 @triton.autotune(
     configs=_configs(_FWD_CONFIGS, (32, 32)),  # BLOCK_N >= 32: see _dropout_keep
     key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd, _fwd_tile)},
+    prune_configs_by={"early_config_prune": _make_pruner(
+        lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd,
+        lambda args: _fwd_tile(args["SEQ_BUCKET"], args["BLOCK_D"]))},
 )
 @triton.jit
 def _attn_fwd(
@@ -350,41 +390,14 @@ def _attn_fwd(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Backward preprocess: delta_i = sum_d dO[i, d] * O[i, d]
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_preprocess(
-    O, DO, Delta,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # With P the softmax and dP = dO V^T, the score gradient is dS = P * (dP - delta), where
-    # delta_i = sum_j P_ij dP_ij = dO_i . O_i: one number per row, computed once here.
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Backward dK, dV: one program per key block, looping over query blocks of every head in the group
+# 2. Backward, dK and dV of one key block: loop over query blocks of every head in the group
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
-    stride_qt, stride_qd, stride_dot, stride_dod,
+    dk, dv, k, v, Q_base, O_base, DO_base, Lse_base, Delta_base,
+    stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod,
     start_n, offs_n, offs_d, lo, hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, DELTA_INLINE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dK, dV of this key block over query blocks [lo, hi). Tiles are transposed
@@ -410,38 +423,36 @@ def _attn_bwd_dkdv_inner(
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV += P^T dO
-        delta = tl.load(Delta_base + offs_m, mask=offs_m < T, other=0.0)
+        if DELTA_INLINE:  # delta of these rows from their O and dO tiles: one more load per step
+            o = _load_tile(O_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                           offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        else:
+            delta = tl.load(Delta_base + offs_m, mask=offs_m < T, other=0.0)
         dsT = pT * (dpT - delta[None, :])  # softmax backward
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # dK += dS^T Q (scaled later)
     return dk, dv
 
 
-@triton.autotune(
-    configs=_configs(_DKDV_CONFIGS, (16, 32)),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd, _dkdv_tile)},
-)
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, Seed,
+def _attn_bwd_dkdv_program(
+    Q, K, V, O, DO, Lse, Delta, DK, DV, Seed,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, H_KV, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    key_block, off_b, off_hkv, H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DELTA_INLINE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    off_bhkv = tl.program_id(1)
-    off_b = (off_bhkv // H_KV).to(tl.int64)
-    off_hkv = (off_bhkv % H_KV).to(tl.int64)
+    """dK, dV of key block ``key_block`` of kv head ``off_hkv``: BLOCK_N keys held, BLOCK_M queries streamed.
+    delta is read from ``Delta``, or computed per step from the O and dO tiles when DELTA_INLINE."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    # This program's key block stays in registers for the whole pass.
-    start_n = pid_n * BLOCK_N
+    # This program's key block stays on chip for the whole pass.
+    start_n = key_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn
@@ -467,20 +478,21 @@ def _attn_bwd_dkdv(
         off_h = off_hkv * GROUP + g
         off_bh = off_b * H + off_h
         Q_base = Q + off_b * stride_qb + off_h * stride_qh
+        O_base = O + off_b * stride_ob + off_h * stride_oh
         DO_base = DO + off_b * stride_dob + off_h * stride_doh
-        Lse_base = Lse + off_bh * T
-        Delta_base = Delta + off_bh * T
         seed_bh = 0
         if HAS_DROPOUT:
             seed_bh = _philox_key(Seed, off_bh)
         dk, dv = _attn_bwd_dkdv_inner(  # on the band: masked
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+            dk, dv, k, v, Q_base, O_base, DO_base, Lse + off_bh * T, Delta + off_bh * T,
+            stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod,
             start_n, offs_n, offs_d, band_lo, band_hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
-            inv_keep, True, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+            inv_keep, True, EVEN_D, HAS_DROPOUT, DELTA_INLINE, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dk, dv = _attn_bwd_dkdv_inner(  # off-band: every row sees the whole key block
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+            dk, dv, k, v, Q_base, O_base, DO_base, Lse + off_bh * T, Delta + off_bh * T,
+            stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod,
             start_n, offs_n, offs_d, band_hi, T, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
-            inv_keep, False, EVEN_D, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+            inv_keep, False, EVEN_D, HAS_DROPOUT, DELTA_INLINE, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Scores were sm_scale * q.k, so dK picks up sm_scale once here.
     mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
@@ -491,7 +503,7 @@ def _attn_bwd_dkdv(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Backward dQ: one program per query block, walking key blocks like the forward
+# 3. Backward, dQ of one query block: walk the key blocks like the forward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_inner(
@@ -522,34 +534,40 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(
-    configs=_configs(_DQ_CONFIGS, (32, 32)),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(lambda bm, bn, bd, st: 2 * bm * bd + 2 * st * bn * bd, _dq_tile)},
-)
 @triton.jit
-def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, Seed,
+def _attn_bwd_dq_program(
+    Q, K, V, O, DO, Lse, Delta, DQ, Seed,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    query_block, off_b, off_h, off_hkv, H, T, S, sm_scale, qk_scale, dropout_p, inv_keep,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, off_bh, off_b, off_h, off_hkv = _query_block(H, GROUP, IS_CAUSAL, BLOCK_M)
+    """dQ of query block ``query_block`` of head ``off_h``: BLOCK_M queries held, BLOCK_N keys streamed.
+    delta = rowsum(dO * O) comes from the block's own O and dO tiles (one more load per program), and is
+    stored for the dK/dV launch that follows when STORE_DELTA."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    off_bh = off_b * H + off_h
+    start_m = query_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt
                    + offs_d[None, :] * stride_qd, offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
                     + offs_d[None, :] * stride_dod, offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
-    row_ok = offs_m < T
-    lse2 = tl.load(Lse + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + off_bh * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    # With P the softmax and dP = dO V^T, the score gradient is dS = P * (dP - delta), where
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i: one number per row.
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot
+                   + offs_d[None, :] * stride_od, offs_m, T, offs_d, HEAD_DIM, True, not EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if STORE_DELTA:
+        tl.store(Delta + off_bh * T + offs_m, delta, mask=row_ok)
     K_base = K + off_b * stride_kb + off_hkv * stride_kh
     V_base = V + off_b * stride_vb + off_hkv * stride_vh
     seed_bh = 0
@@ -575,6 +593,74 @@ def _attn_bwd_dq(
 
 
 # ----------------------------------------------------------------------------------------------------
+# 4. The backward kernel: dK/dV programs, dQ programs, or both in one grid
+# ----------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=_configs(_BWD_CONFIGS, (32, 32)),  # streamed blocks >= 32: see _dropout_keep
+    key=[*_AUTOTUNE_KEY, "ROLE"],
+    prune_configs_by={"early_config_prune": _make_pruner(
+        lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd,
+        lambda args: _bwd_tile(args["ROLE"], args["SEQ_BUCKET"], args["BLOCK_D"]))},
+)
+@triton.jit
+def _attn_bwd(
+    Q, K, V, O, DO, Lse, Delta, DQ, DK, DV, Seed,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, H_KV, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ROLE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (programs, batch * kv heads). Every program holds BLOCK_N rows and streams BLOCK_M rows past
+    them: a dK/dV program holds a key block and streams queries, a dQ program holds a query block of one
+    head of the group and streams keys. Every dQ program computes delta = rowsum(dO * O) for its rows.
+
+    ROLE_DQ then ROLE_DKDV: two launches, each compiled without the other's code and with its own tile;
+    the dQ launch stores delta, the dK/dV launch reads it. ROLE_BOTH: one launch, the dK/dV programs first
+    along axis 0 and the dQ programs after them; its dK/dV programs compute delta themselves, one more
+    O tile per step, since nothing orders them after the dQ programs."""
+    pid = tl.program_id(0)
+    off_bhkv = tl.program_id(1)
+    off_b = (off_bhkv // H_KV).to(tl.int64)
+    off_hkv = (off_bhkv % H_KV).to(tl.int64)
+    if ROLE == ROLE_BOTH:
+        n_key_blocks = tl.cdiv(S, BLOCK_N)
+        holds_keys = pid < n_key_blocks
+    else:  # a single role: decided at compile time, the other branch is not compiled
+        n_key_blocks = 0
+        holds_keys = ROLE == ROLE_DKDV
+    if holds_keys:
+        _attn_bwd_dkdv_program(
+            Q, K, V, O, DO, Lse, Delta, DK, DV, Seed,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+            stride_dob, stride_doh, stride_dot, stride_dod, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            pid, off_b, off_hkv, H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep,
+            HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_BOTH, DOT_PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        n_query_blocks = tl.cdiv(T, BLOCK_N)
+        j = pid - n_key_blocks
+        query_block = j % n_query_blocks
+        if IS_CAUSAL:  # the last query blocks see the most keys: launched first
+            query_block = n_query_blocks - 1 - query_block
+        _attn_bwd_dq_program(
+            Q, K, V, O, DO, Lse, Delta, DQ, Seed,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+            stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+            query_block, off_b, off_hkv * GROUP + j // n_query_blocks, off_hkv, H, T, S, sm_scale, qk_scale,
+            dropout_p, inv_keep,
+            HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_DQ, DOT_PRECISION, BLOCK_N, BLOCK_M)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Dropout mask, materialized (tests only: the kernels never store it)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
@@ -592,7 +678,7 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, T: int, S: int, dropou
     """The (B, H, T, S) boolean keep-mask the kernels draw for ``seed`` (a one-element int64 tensor on the
     device). Exists so tests can replay the kernels' dropout in a reference; training never calls it."""
     mask = torch.empty((B, H, T, S), dtype=torch.int8, device=seed.device)
-    grid = (triton.cdiv(T, 32), triton.cdiv(S, 32), B * H)
+    grid = (_cdiv(T, 32), _cdiv(S, 32), B * H)
     _dropout_mask_kernel[grid](seed, mask, T, S, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 
@@ -610,7 +696,7 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
     D = q.shape[-1]
     return dict(
         HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot wants power-of-two tiles >= 16: pad and mask
+        BLOCK_D=max(16, _next_power_of_2(D)),  # tl.dot wants power-of-two tiles >= 16: pad and mask
         IS_CAUSAL=causal,
         HAS_DROPOUT=dropout_p > 0.0,
         # fp32 inputs use exact fp32 products; TF32 (10-bit mantissa) would lose accuracy silently.
@@ -619,30 +705,19 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
 
 
 _tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
-# (kernel, tuning key, device, constexprs, specialization) -> (compiled kernel, constexprs, meta)
+# (kernel, tuning key, device, constexprs, tensor specialization, scalars) -> (compiled, constexprs, meta)
 _compiled: dict = {}
 _COMPILED_LIMIT = 512  # decoding grows S by one per call: a bound on what the cache keeps
 
 
-def _specialization(args: tuple) -> tuple:
-    """A key at least as fine as what Triton specializes a compiled kernel on: each integer's exact value
-    (Triton looks at == 1, % 16 and the int32 range), each tensor's dtype and 16-byte alignment, any other
-    value as itself. ``type(a) is`` tests first and no ``.device`` (a new object per call): this runs on the
-    host's hot path, once per launch. Exact integers make a decoding step (S grows by one) miss, which costs
-    what Triton's own path costs; training repeats its shapes and hits."""
-    return tuple([
-        a if type(a) is int else float if type(a) is float
-        else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
-        for a in args
-    ])
-
-
-def _launch(kernel, grid, key: tuple | None, *args, **kwargs) -> None:
-    """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None). An autotuned
-    kernel's first call of a tuning key runs the autotuner. After that, every launch with arguments Triton
-    would specialize the same way goes to the compiled kernel directly, skipping the autotuner's and
-    Triton's per-call argument binding: with ~45 arguments that Python costs tens of microseconds, as long
-    as the char GPT's whole attention forward takes on the GPU."""
+def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **kwargs) -> None:
+    """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None) on ``tensors`` (its
+    first arguments) and ``scalars`` (the integers and floats after them). An autotuned kernel's first call
+    of a tuning key runs the autotuner. After that, every launch with arguments Triton would specialize the
+    same way goes to the compiled kernel directly, skipping the autotuner's and Triton's per-call argument
+    binding: with ~50 arguments that Python costs tens of microseconds, as long as the char GPT's whole
+    attention forward takes on the GPU."""
+    args = (*tensors, *scalars)
     config = None
     if isinstance(kernel, triton.runtime.Autotuner):
         config = _tuned.get((kernel, key))
@@ -654,10 +729,15 @@ def _launch(kernel, grid, key: tuple | None, *args, **kwargs) -> None:
     if _interpreting():  # the interpreter compiles nothing: nothing to keep
         fn[grid](*args, **kwargs, **(config.all_kwargs() if config else {}))
         return
-    # Compiled kernels belong to the current device, as in Triton's own cache. The direct launch skips what
-    # JITFunction.run checks per call besides binding (pre-run hooks, changed globals, debug knobs): none of
-    # them applies to these kernels.
-    spec = (kernel, key, torch.cuda.current_device(), tuple(kwargs.values()), _specialization(args))
+    # The key is at least as fine as what Triton specializes a compiled kernel on: each tensor's dtype and
+    # 16-byte alignment, each integer's exact value (Triton looks at == 1, % 16 and the int32 range), and
+    # the current device (compiled kernels belong to it, as in Triton's own cache). Floats join by value:
+    # they never change within a run. Exact integers make a decoding step (S grows by one) miss, which
+    # costs what Triton's own path costs; training repeats its shapes and hits. The direct launch skips
+    # what JITFunction.run checks per call besides binding (pre-run hooks, changed globals, debug knobs):
+    # none of them applies to these kernels.
+    spec = (kernel, key, torch.cuda.current_device(), tuple(kwargs.values()),
+            tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), scalars)
     hit = _compiled.get(spec)
     if hit is not None:
         compiled, constexprs, meta = hit
@@ -679,16 +759,16 @@ def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed
     lse (B, H, T) fp32, the natural-log log-sum-exp of each row's scaled scores."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
-    out = _empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = _empty((B, H, T), dtype=torch.float32, device=q.device)
+    out = _alloc((B, H, T, D), (0, 2, 1, 3), q.dtype, q.device)
+    lse = _alloc((B, H, T), (0, 1, 2), torch.float32, q.device)
     consts = _kernel_consts(q, causal, dropout_p)
     bucket = _seq_bucket(T, S)
     _launch(
-        _attn_fwd, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H),
+        _attn_fwd, lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H),
         (bucket, D, causal, dropout_p > 0.0, q.dtype),
-        q, k, v, out, lse, seed if seed is not None else lse,  # without dropout Seed is never read
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // H_kv, T, S, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket, **consts,
+        (q, k, v, out, lse, seed if seed is not None else lse),  # without dropout Seed is never read
+        (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         H, H // H_kv, T, S, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket), **consts,
     )
     return out, lse
 
@@ -699,43 +779,44 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
     to (B, H, T, D): their gradients laid out the same way let the projection's backward gather them with
     coalesced copies instead of a transpose (for GPT-2 small at 64 x 1024 tokens, 9.3 ms of a 139 ms step
     on an H100, bench/NOTES.md v8)."""
-    order = [*sorted(range(3), key=lambda d: -t.stride(d)), 3]  # outermost first (stable on ties), D last
-    dense = _empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
-    return dense.permute([order.index(d) for d in range(4)])
+    # outermost first (a stable sort: ties keep B, H, T order), D last
+    order = (*sorted(range(3), key=t.stride().__getitem__, reverse=True), 3)
+    return _alloc(t.shape, order, t.dtype, t.device)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, dropout_p: float, seed):
     """(dq, dk, dv), each dense in the dimension order of its input (``_grad_like``). grad_out is read in
-    place with its own strides, never copied."""
+    place with its own strides, never copied. The launches follow ``_bwd_plan``."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
+    group = H // H_kv
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
-    delta = _empty((B, H, T), dtype=torch.float32, device=q.device)
     consts = _kernel_consts(q, causal, dropout_p)
-    seed_arg = seed if seed is not None else delta
-    inv_keep = 1.0 / (1.0 - dropout_p)
     bucket = _seq_bucket(T, S)
+    plan = _bwd_plan(bucket, consts["BLOCK_D"])
+    # delta: written by the dQ launch, read by the dK/dV launch; "one" computes it in place (lse stands in)
+    delta = _alloc((B, H, T), (0, 1, 2), torch.float32, q.device) if plan == "split" else lse
+    tensors = (q, k, v, out, grad_out, lse, delta, dq, dk, dv, seed if seed is not None else lse)
+    scalars = (
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+        *dk.stride(), *dv.stride(),
+        H, H_kv, group, T, S, sm_scale, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket,
+    )
     key = (bucket, D, causal, dropout_p > 0.0, q.dtype)
-
-    pre_block = 32 if _interpreting() else 64
-    _launch(
-        _attn_bwd_preprocess, lambda meta: (triton.cdiv(T, pre_block), B * H), None,
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, T,
-        HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_block,
-    )
-    _launch(
-        _attn_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H_kv), key,
-        q, k, v, grad_out, lse, delta, dk, dv, seed_arg,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        H, H_kv, H // H_kv, T, S, sm_scale, sm_scale * LOG2E, dropout_p, inv_keep, bucket, **consts,
-    )
-    _launch(
-        _attn_bwd_dq, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), key,
-        q, k, v, grad_out, lse, delta, dq, seed_arg,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        H, H // H_kv, T, S, sm_scale, sm_scale * LOG2E, dropout_p, inv_keep, bucket, **consts,
-    )
+    for role in (ROLE_DQ.value, ROLE_DKDV.value) if plan == "split" else (ROLE_BOTH.value,):
+        _launch(
+            _attn_bwd, lambda meta, role=role: (_bwd_programs(role, T, S, group, meta["BLOCK_N"]), B * H_kv),
+            (*key, role), tensors, scalars, ROLE=role, **consts,
+        )
     return dq, dk, dv
+
+
+def _bwd_programs(role: int, T: int, S: int, group: int, block_n: int) -> int:
+    """Programs along axis 0 of a backward launch: key blocks, query blocks of every head in the group, or
+    both."""
+    key_blocks = _cdiv(S, block_n) if role != ROLE_DQ.value else 0
+    query_blocks = group * _cdiv(T, block_n) if role != ROLE_DKDV.value else 0
+    return key_blocks + query_blocks
 
 
 def _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse) -> None:
@@ -810,9 +891,10 @@ _forward_op.register_autograd(
 
 @contextlib.contextmanager
 def forced_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2):
-    """Pin every kernel to one tile shape (BLOCK_M queries x BLOCK_N keys), skipping autotuning; for
-    benchmarks that map speed against tile shape. Restores the tuned configs on exit."""
-    kernels = (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)
+    """Pin every kernel to one tile shape, skipping autotuning; for benchmarks that map speed against tile
+    shape. The forward takes BLOCK_M queries x BLOCK_N keys, the backward holds BLOCK_N rows and streams
+    BLOCK_M (``_attn_bwd``). Restores the tuned configs on exit."""
+    kernels = (_attn_fwd, _attn_bwd)
     saved = [(kern.configs, kern.cache) for kern in kernels]
     try:
         for kern in kernels:
@@ -868,7 +950,7 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
         raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p={dropout_p} is out of range; allowed: 0 <= dropout_p < 1")
-    if dropout_p > 0.0 and T * triton.cdiv(S, 32) * 4 >= 2**31:
+    if dropout_p > 0.0 and T * _cdiv(S, 32) * 4 >= 2**31:
         raise ValueError(f"flash_attention: dropout needs T * S / 8 < 2**31 (Philox counters are int32), got T={T}, S={S}")
     if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive finite number or None")

@@ -31,11 +31,10 @@ FLOORS = {torch.float32: 2e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels allocate starts as NaN (their integer seeds are not allocated here)."""
 
-    def nan_empty(*size, dtype=None, device=None, **kwargs):
-        shape = size[0] if len(size) == 1 else size
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    def nan_empty_strided(size, stride, dtype=None, device=None, **kwargs):
+        return torch.empty_strided(size, stride, dtype=dtype, device=device).fill_(float("nan"))
 
-    monkeypatch.setattr(fa, "_empty", nan_empty)
+    monkeypatch.setattr(fa, "_empty_strided", nan_empty_strided)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,6 +174,19 @@ def test_matches_float64_reference(B, H, H_kv, T, S, D, causal, dtype, layout):
     check_case(B, H, H_kv, T, S, D, causal, dtype, layout)
 
 
+PLANS = ("one", "split")  # the ways _backward_impl launches the backward
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize(
+    "case", [CPU_CASES[i] for i in (1, 2, 3, 8)], ids=["gqa", "mqa-short-t", "t-gt-s", "dmajor"])
+def test_every_backward_plan_matches_float64_reference(monkeypatch, plan, case):
+    """Each plan, forced whatever the default would pick by head dim and length, on the hard corners: GQA on
+    views, MQA with T < S, rows with no key, strided D."""
+    monkeypatch.setattr(fa, "_bwd_plan", lambda bucket, block_d: plan)
+    check_case(*case)
+
+
 def test_public_entry_matches_sdpa_semantics():
     """flash_attention == SDPA (is_causal, scale, enable_gqa) when T == S, default scale included."""
     q, k, v = make_qkv(2, 4, 2, 64, 64, 32, torch.float32, "fused")
@@ -206,7 +218,7 @@ def test_poison_is_detected():
     bad = out.clone()
     bad[0, 1, 16, 15] = float("nan")
     assert math.isnan(max_err(bad, out))
-    assert torch.isnan(fa._empty((3,), dtype=torch.float32, device=DEVICE)).all()
+    assert torch.isnan(fa._alloc((3, 2), (1, 0), torch.float32, DEVICE)).all()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,9 +273,12 @@ def test_dropout_mask_follows_the_documented_philox_layout():
         assert torch.equal(keep[bh // H, bh % H], numbers >= int(p * 65536))
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("causal,layout", [(True, "contiguous"), (False, "transposed")])
-def test_dropout_replays_kernel_mask(causal, layout):
-    """Forward and backward use one mask: out, dq, dk, dv match a float64 reference that replays it."""
+def test_dropout_replays_kernel_mask(monkeypatch, causal, layout, plan):
+    """Forward and backward use one mask: out, dq, dk, dv match a float64 reference that replays it, in
+    every backward plan."""
+    monkeypatch.setattr(fa, "_bwd_plan", lambda bucket, block_d: plan)
     B, H, H_kv, T, S, D, p = 1, 4, 2, 48, 80, 32, 0.25
     q, k, v = make_qkv(B, H, H_kv, T, S, D, torch.float32, layout, seed=3)
     do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -464,6 +479,23 @@ def test_gpu_matches_float64_reference(B, H, H_kv, T, S, D, causal, layout, auto
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("B,H,H_kv,T,S,D,causal,layout", [
+    (4, 16, 4, 1024, 1024, 64, True, "fused"), (2, 8, 2, 300, 1500, 128, True, "contiguous")])
+def test_gpu_every_backward_plan(monkeypatch, plan, B, H, H_kv, T, S, D, causal, layout):
+    """Each backward plan with its default tiles, in bf16, whatever the sequence length would pick."""
+    monkeypatch.setattr(fa, "_bwd_plan", lambda bucket, block_d: plan)
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(B, H, H_kv, T, S, D, dtype, layout, device="cuda")
+    do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    scale = 1.0 / math.sqrt(D)
+    got = run_kernel(q, k, v, do, causal, scale)
+    ref64 = run_reference_chunked(q, k, v, do, causal, scale, torch.float64)
+    same = run_reference_chunked(q, k, v, do, causal, scale, dtype)
+    assert_close_as_torch(got, ref64, same, dtype)
+
+
+@pytest.mark.gpu
 def test_gpu_cpu_case_subset_fp16():
     with quick_config():
         for case in CPU_CASES:
@@ -560,7 +592,8 @@ def test_default_tiles_skip_autotuning(monkeypatch):
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in fa._FWD_CONFIGS
     ]
-    prune = fa._make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd, fa._fwd_tile)
+    prune = fa._make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd,
+                            lambda args: fa._fwd_tile(args["SEQ_BUCKET"], args["BLOCK_D"]))
     tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     for bucket, block_d in ((256, 64), (1024, 64), (4096, 64), (4096, 128), (16384, 128)):
         args = {"Q": q, "SEQ_BUCKET": bucket, "BLOCK_D": block_d}
@@ -573,11 +606,19 @@ def test_default_tiles_skip_autotuning(monkeypatch):
     assert [tile(c) for c in tiny] == [(64, 32, 4, 4)]
 
 
+def test_every_config_suits_dropout():
+    """The dropout mask is drawn 32 keys at a time: every key block must be a multiple of 32. In the
+    backward both blocks are keys in one role (held by dK/dV programs, streamed by dQ programs)."""
+    assert all(bn % 32 == 0 for _, bn, _, _ in fa._FWD_CONFIGS)
+    assert all(bm % 32 == 0 and bn % 32 == 0 for bm, bn, _, _ in fa._BWD_CONFIGS)
+
+
 def test_every_default_tile_is_a_listed_config():
     """The pruner picks the default tile out of the config list; a default missing from it would fall back
     to another tile without a word."""
-    for tile_of, listed in ((fa._fwd_tile, fa._FWD_CONFIGS), (fa._dkdv_tile, fa._DKDV_CONFIGS),
-                            (fa._dq_tile, fa._DQ_CONFIGS)):
-        for bucket in (2**i for i in range(4, 16)):
-            for block_d in (16, 32, 64, 128):
-                assert tile_of(bucket, block_d) in listed, (tile_of.__name__, bucket, block_d)
+    roles = (fa.ROLE_DKDV.value, fa.ROLE_DQ.value, fa.ROLE_BOTH.value)
+    for bucket in (2**i for i in range(4, 16)):
+        for block_d in (16, 32, 64, 128):
+            assert fa._fwd_tile(bucket, block_d) in fa._FWD_CONFIGS, ("fwd", bucket, block_d)
+            for role in roles:
+                assert fa._bwd_tile(role, bucket, block_d) in fa._BWD_CONFIGS, (role, bucket, block_d)
