@@ -69,7 +69,7 @@ def inputs(T: int, D: int) -> dict:
     delta = (out.float() * do.float()).sum(-1).contiguous()
     dq, dk, dv = fa._backward_impl(do, q, k, v, out, lse, True, scale, 0.0, None)
     return dict(B=B, H=H, T=T, D=D, q=q, k=k, v=v, do=do, out=out, lse=lse, delta=delta, scale=scale,
-                grads=dict(dq=dq, dk=dk, dv=dv))
+                grads=dict(dq=dq, dk=dk, dv=dv, delta=delta))
 
 
 def launcher(kind: str, tile: tuple, x: dict):
@@ -91,13 +91,13 @@ def launcher(kind: str, tile: tuple, x: dict):
     role = ROLES[kind]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grid = (fa._bwd_programs(role, T, T, 1, bn), B * H)
-    if kind == "dq":  # it stores the delta it computes: not into the buffer the other kinds read
+    if kind == "dq":  # it stores the delta it computes (checked too): not into the buffer dK/dV reads
         delta = torch.empty_like(delta)
-    names = {"dkdv": ("dk", "dv"), "dq": ("dq",)}.get(kind, ("dq", "dk", "dv"))
+    names = {"dkdv": ("dk", "dv"), "dq": ("dq", "delta")}.get(kind, ("dq", "dk", "dv"))
     return (lambda: fa._attn_bwd.fn[grid](
         q, k, v, out, do, lse, delta, dq, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), H, H, 1, T, T, scale, *scalars,
-        ROLE=role, **meta)), names, tuple(dict(dq=dq, dk=dk, dv=dv)[n] for n in names)
+        ROLE=role, **meta)), names, tuple(dict(dq=dq, dk=dk, dv=dv, delta=delta)[n] for n in names)
 
 
 def jobs(dims: list[int], kinds: list[str], chosen: list[tuple] | None) -> list[tuple]:

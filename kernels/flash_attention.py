@@ -113,8 +113,8 @@ def _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M: tl.constexpr,
     neighbouring columns of every group of eight: key ``32g + 8o + 2q + e`` of row i takes half e (0: low,
     1: high) of output o of the call with counter ``(i * cdiv(S, 32) + g) * 4 + q`` (int32: T * S / 8
     < 2**31). The eight numbers of a call then land in one thread, and the mask needs no trip through
-    shared memory to meet the scores (it did when a call served eight adjacent keys). Forward, both
-    backward kernels and ``dropout_keep_mask`` call this same function.
+    shared memory to meet the scores (it did when a call served eight adjacent keys). The forward, both
+    kinds of backward program and ``dropout_keep_mask`` call this same function.
     """
     tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles (BLOCK_N) that are multiples of 32")
     g = start_n // 32 + tl.arange(0, BLOCK_N // 32)
@@ -225,9 +225,8 @@ def _autotuning() -> bool:
 
 
 # Default tiles, (BLOCK_M, BLOCK_N, warps, stages), by sequence bucket and padded head dim: chosen from a
-# per-kernel sweep on an H100 (bench/tile_sweep.py; bench/NOTES.md v5 and v8), the fastest or within 3% of
-# it. Small buckets want small tiles (more programs for 132 SMs); at D = 128 the dK/dV kernel holds two fp32
-# (BLOCK_N x 128) accumulators, which only long sequences repay at BLOCK_N = 128.
+# per-kernel sweep on an H100 (bench/tile_sweep.py; bench/NOTES.md v5, v8 and v9), the fastest or within 3%
+# of it. Small buckets want small tiles (more programs for 132 SMs).
 def _fwd_tile(bucket: int, block_d: int) -> tuple:
     if bucket >= 2048:
         if block_d > 64:
@@ -238,14 +237,14 @@ def _fwd_tile(bucket: int, block_d: int) -> tuple:
     return (64, 32, 4, 3)
 
 
-# The roles of a backward launch (section 5): constexpr, so the kernel can read them as globals.
+# The roles of a backward launch (section 4): constexpr, so the kernel can read them as globals.
 ROLE_DKDV, ROLE_DQ, ROLE_BOTH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 def _bwd_tile(role: int, bucket: int, block_d: int) -> tuple:
     """(BLOCK_M rows streamed, BLOCK_N rows held, warps, stages) of a backward launch in ``role``. At D = 128
     a dK/dV program holds two fp32 (BLOCK_N x 128) accumulators, which only long sequences repay at
-    BLOCK_N = 128; a dQ program holds one, and takes 128 rows from T = 1024 on."""
+    BLOCK_N = 128; a dQ program holds one, and takes 128 rows from T = 1024 on (D = 128) or 2048 (D <= 64)."""
     if block_d > 64:
         if role == ROLE_DQ.value and bucket >= 1024:
             return (64, 128, 8, 3)
@@ -260,8 +259,9 @@ def _bwd_tile(role: int, bucket: int, block_d: int) -> tuple:
 def _bwd_plan(bucket: int, block_d: int) -> str:
     """How a backward is launched (bench/NOTES.md v9 has the sweep behind it): "one", a single ROLE_BOTH
     launch, for short sequences at D <= 64 (the char GPT), where the host's cost per launch rivals the GPU
-    work and the GPU time ties the two launches; "split", ROLE_DQ then ROLE_DKDV, elsewhere (delta computed
-    once per row instead of once per dK/dV step, each kind with its own tile)."""
+    work; "split", ROLE_DQ then ROLE_DKDV, elsewhere: delta computed once per row instead of once per dK/dV
+    step, each kind with its own tile; faster than one grid at D = 64 from T = 512, level with it at D = 128
+    up to T = 2048."""
     return "one" if block_d <= 64 and bucket <= 256 else "split"
 
 
@@ -596,7 +596,9 @@ def _attn_bwd_dq_program(
 # 4. The backward kernel: dK/dV programs, dQ programs, or both in one grid
 # ----------------------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_configs(_BWD_CONFIGS, (32, 32)),  # streamed blocks >= 32: see _dropout_keep
+    # Interpreter tile: both blocks >= 32 (see _dropout_keep), and unequal, so a BLOCK_M / BLOCK_N mix-up in
+    # the roles' index math shows in the CPU tests.
+    configs=_configs(_BWD_CONFIGS, (32, 64)),
     key=[*_AUTOTUNE_KEY, "ROLE"],
     prune_configs_by={"early_config_prune": _make_pruner(
         lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd,
@@ -794,7 +796,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
     consts = _kernel_consts(q, causal, dropout_p)
     bucket = _seq_bucket(T, S)
     plan = _bwd_plan(bucket, consts["BLOCK_D"])
-    # delta: written by the dQ launch, read by the dK/dV launch; "one" computes it in place (lse stands in)
+    # delta: written by the dQ launch, read by the dK/dV launch; "one" stores none (lse is passed, unread)
     delta = _alloc((B, H, T), (0, 1, 2), torch.float32, q.device) if plan == "split" else lse
     tensors = (q, k, v, out, grad_out, lse, delta, dq, dk, dv, seed if seed is not None else lse)
     scalars = (
