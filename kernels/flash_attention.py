@@ -143,14 +143,36 @@ def _philox_key(Seed, off_bh):
     return tl.load(Seed) + (off_bh.to(tl.int64) << 32)
 
 
+# Heads whose programs are interleaved in launch order (_program_order).
+HEAD_GROUP = tl.constexpr(8)
+
+
+@triton.jit
+def _program_order():
+    """(block, batch * head) of this program of a (blocks, batch * heads) grid, in an order that balances
+    causal work. Every kernel below numbers its blocks heaviest first (under a causal mask block 0 does
+    the most work), and the GPU starts programs in grid order, axis 0 fastest. Taken as is, each head's
+    programs would start one after another, so the last head's heaviest block would start in the last
+    wave and run on alone at the end. Instead heads are taken HEAD_GROUP at a time and, within a group,
+    block by block across its heads: a group's heaviest blocks start first, its lightest end it. The K
+    and V (or Q and dO) of eight heads stay few enough to share L2 while their programs run.
+    bench/NOTES.md v10: 1-6% faster than head by head at long sequences."""
+    n_blocks = tl.num_programs(0)
+    n_heads = tl.num_programs(1)
+    linear = tl.program_id(1) * n_blocks + tl.program_id(0)
+    group = linear // (HEAD_GROUP * n_blocks)
+    heads = tl.minimum(HEAD_GROUP, n_heads - group * HEAD_GROUP)  # the last group may be smaller
+    rank = linear - group * HEAD_GROUP * n_blocks
+    return rank // heads, group * HEAD_GROUP + rank % heads
+
+
 @triton.jit
 def _query_block(H, GROUP, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """Coordinates of a program of the (query blocks, batch * heads) grid: (first row, batch * head, batch,
     head, kv head). Causal: the last query blocks see the most keys, so they are launched first."""
-    pid_m = tl.program_id(0)
+    pid_m, off_bh = _program_order()
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
-    off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     return pid_m * BLOCK_M, off_bh, off_b, off_h, off_h // GROUP  # GROUP query heads share a kv head
@@ -627,8 +649,7 @@ def _attn_bwd(
     the dQ launch stores delta, the dK/dV launch reads it. ROLE_BOTH: one launch, the dK/dV programs first
     along axis 0 and the dQ programs after them; its dK/dV programs compute delta themselves, one more
     O tile per step, since nothing orders them after the dQ programs."""
-    pid = tl.program_id(0)
-    off_bhkv = tl.program_id(1)
+    pid, off_bhkv = _program_order()
     off_b = (off_bhkv // H_KV).to(tl.int64)
     off_hkv = (off_bhkv % H_KV).to(tl.int64)
     if ROLE == ROLE_BOTH:
@@ -647,17 +668,17 @@ def _attn_bwd(
             pid, off_b, off_hkv, H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep,
             HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_BOTH, DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
-        n_query_blocks = tl.cdiv(T, BLOCK_N)
+        # query blocks of the GROUP heads that share this kv head, block by block across those heads
         j = pid - n_key_blocks
-        query_block = j % n_query_blocks
+        query_block = j // GROUP
         if IS_CAUSAL:  # the last query blocks see the most keys: launched first
-            query_block = n_query_blocks - 1 - query_block
+            query_block = tl.cdiv(T, BLOCK_N) - 1 - query_block
         _attn_bwd_dq_program(
             Q, K, V, O, DO, Lse, Delta, DQ, Seed,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
             stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-            query_block, off_b, off_hkv * GROUP + j // n_query_blocks, off_hkv, H, T, S, sm_scale, qk_scale,
+            query_block, off_b, off_hkv * GROUP + j % GROUP, off_hkv, H, T, S, sm_scale, qk_scale,
             dropout_p, inv_keep,
             HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_DQ, DOT_PRECISION, BLOCK_N, BLOCK_M)
 
@@ -707,29 +728,40 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
 
 
 _tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
-# (kernel, tuning key, device, constexprs, tensor specialization, scalars) -> (compiled, constexprs, meta)
+# (kernel, tuning key, device, constexprs, tensor dtypes and alignment, scalars) -> _Compiled
 _compiled: dict = {}
 _COMPILED_LIMIT = 512  # decoding grows S by one per call: a bound on what the cache keeps
+
+
+class _Compiled:
+    """A compiled kernel as the direct launch needs it: Triton's C launcher and what it takes besides the
+    grid, the stream and the arguments."""
+
+    __slots__ = ("kernel", "run", "function", "packed_metadata", "constexprs", "meta")
+
+    def __init__(self, kernel, constexprs: tuple, meta: dict):
+        kernel._init_handles()  # loads the binary: after this, run/function/packed_metadata are set
+        self.kernel, self.constexprs, self.meta = kernel, constexprs, meta
+        self.run, self.function, self.packed_metadata = kernel.run, kernel.function, kernel.packed_metadata
 
 
 def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **kwargs) -> None:
     """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None) on ``tensors`` (its
     first arguments) and ``scalars`` (the integers and floats after them). An autotuned kernel's first call
     of a tuning key runs the autotuner. After that, every launch with arguments Triton would specialize the
-    same way goes to the compiled kernel directly, skipping the autotuner's and Triton's per-call argument
-    binding: with ~50 arguments that Python costs tens of microseconds, as long as the char GPT's whole
-    attention forward takes on the GPU."""
-    args = (*tensors, *scalars)
+    same way goes to the compiled kernel's C launcher directly, skipping the autotuner's and Triton's
+    per-call argument binding: with ~50 arguments that Python costs tens of microseconds, as long as the
+    char GPT's whole attention forward takes on the GPU."""
     config = None
     if isinstance(kernel, triton.runtime.Autotuner):
         config = _tuned.get((kernel, key))
         if config is None:
-            kernel[grid](*args, **kwargs)
+            kernel[grid](*tensors, *scalars, **kwargs)
             _tuned[(kernel, key)] = kernel.best_config
             return
     fn = kernel.fn if config else kernel
     if _interpreting():  # the interpreter compiles nothing: nothing to keep
-        fn[grid](*args, **kwargs, **(config.all_kwargs() if config else {}))
+        fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
         return
     # The key is at least as fine as what Triton specializes a compiled kernel on: each tensor's dtype and
     # 16-byte alignment, each integer's exact value (Triton looks at == 1, % 16 and the int32 range), and
@@ -737,23 +769,32 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
     # they never change within a run. Exact integers make a decoding step (S grows by one) miss, which
     # costs what Triton's own path costs; training repeats its shapes and hits. The direct launch skips
     # what JITFunction.run checks per call besides binding (pre-run hooks, changed globals, debug knobs):
-    # none of them applies to these kernels.
-    spec = (kernel, key, torch.cuda.current_device(), tuple(kwargs.values()),
-            tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), scalars)
+    # none of them applies to these kernels. The C launcher takes pointers as integers, the ones the
+    # alignment test reads anyway.
+    pointers = [t.data_ptr() for t in tensors]
+    device = torch.cuda.current_device()
+    layout = tuple([(t.dtype, p % 16 == 0) for t, p in zip(tensors, pointers)])
+    spec = (kernel, key, device, tuple(kwargs.values()), layout, scalars)
     hit = _compiled.get(spec)
-    if hit is not None:
-        compiled, constexprs, meta = hit
-        compiled[(*grid(meta), 1, 1)[:3]](*args, *constexprs)
+    hooks = triton.knobs.runtime
+    if hit is not None and not (hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls):
+        grid_x, grid_y = grid(hit.meta)
+        hit.run(grid_x, grid_y, 1, triton.runtime.driver.active.get_current_stream(device), hit.function,
+                hit.packed_metadata, None, None, None, *pointers, *scalars, *hit.constexprs)
+        return
+    if hit is not None:  # a profiler's launch hooks are set: Triton's launch path calls them
+        hit.kernel[(*grid(hit.meta), 1)](*tensors, *scalars, *hit.constexprs)
         return
     # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel.
-    compiled = fn[grid](*args, **kwargs, **(config.all_kwargs() if config else {}))
+    compiled = fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
     if compiled is None:
         return
     meta = {**kwargs, **(config.kwargs if config else {})}
-    constexprs = tuple(meta[name] for name in fn.arg_names[len(args):])  # in signature order
+    n_args = len(tensors) + len(scalars)
+    constexprs = tuple(meta[name] for name in fn.arg_names[n_args:])  # in signature order
     if len(_compiled) >= _COMPILED_LIMIT:
         _compiled.clear()
-    _compiled[spec] = (compiled, constexprs, meta)
+    _compiled[spec] = _Compiled(compiled, constexprs, meta)
 
 
 def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed):
@@ -781,8 +822,14 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
     to (B, H, T, D): their gradients laid out the same way let the projection's backward gather them with
     coalesced copies instead of a transpose (for GPT-2 small at 64 x 1024 tokens, 9.3 ms of a 139 ms step
     on an H100, bench/NOTES.md v8)."""
-    # outermost first (a stable sort: ties keep B, H, T order), D last
-    order = (*sorted(range(3), key=t.stride().__getitem__, reverse=True), 3)
+    # outermost first (a stable sort: ties keep B, H, T order), D last; the two common orders without a sort
+    stride_b, stride_h, stride_t, _ = strides = t.stride()
+    if stride_b >= stride_h >= stride_t:
+        order = (0, 1, 2, 3)
+    elif stride_b >= stride_t > stride_h:
+        order = (0, 2, 1, 3)
+    else:
+        order = (*sorted(range(3), key=strides.__getitem__, reverse=True), 3)
     return _alloc(t.shape, order, t.dtype, t.device)
 
 
@@ -837,20 +884,17 @@ def _input_grads(ctx, grad_out, backward) -> tuple:
 class _FlashAttentionFunction(torch.autograd.Function):
     """The eager path: a plain autograd.Function over the same launchers as the custom ops below.
     It exists for speed alone: a custom op's Python dispatch and autograd wrapper cost about 100 us
-    per call, more than the whole attention of a small model on the GPU."""
+    per call, more than the whole attention of a small model on the GPU. It returns the output alone (the
+    log-sum-exp is saved, not returned): an autograd node with one output costs the engine less."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed):
         out, lse = _forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
         _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)  # no zeros allocated and filled for lse's gradient every backward
-        return out, lse
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        if grad_out is None:  # the output took no part in the loss
-            return (None,) * 7
+    def backward(ctx, grad_out):
         return _input_grads(ctx, grad_out, _backward_impl)
 
 
@@ -927,27 +971,28 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
             raise TypeError(f"flash_attention: {name}.dtype is {t.dtype}; allowed: float16, bfloat16, float32")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"flash_attention: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"flash_attention: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    device = q.device
+    if k.device != device or v.device != device:
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got q {device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"flash_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, H, T, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"flash_attention: batch size of k/v ({k.shape[0]}) must equal that of q ({B})")
-    if k.shape[3] != D:
-        raise ValueError(f"flash_attention: head dim of k/v ({k.shape[3]}) must equal that of q ({D})")
-    H_kv, S = k.shape[1], k.shape[2]
+    (B, H, T, D), (B_kv, H_kv, S, D_kv) = q.shape, k.shape
+    if B_kv != B:
+        raise ValueError(f"flash_attention: batch size of k/v ({B_kv}) must equal that of q ({B})")
+    if D_kv != D:
+        raise ValueError(f"flash_attention: head dim of k/v ({D_kv}) must equal that of q ({D})")
     if H_kv == 0 or H % H_kv != 0:
         raise ValueError(f"flash_attention: query heads H={H} must be a multiple of kv heads H_kv={H_kv}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"flash_attention: head dim D={D} is not supported; allowed: 1 to {MAX_HEAD_DIM}")
     if min(B, H, T, S, D) < 1:
         raise ValueError(f"flash_attention: empty inputs are not supported, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if q.device.type == "cpu" and not _interpreting():
-        raise ValueError("flash_attention: q, k, v are CPU tensors; the kernels need a CUDA device "
-                         "(or TRITON_INTERPRET=1 set before importing triton, for the slow interpreter)")
-    if q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"flash_attention: device {q.device} is not supported; allowed: cuda (cpu with TRITON_INTERPRET=1)")
+    if not q.is_cuda:
+        if device.type == "cpu" and not _interpreting():
+            raise ValueError("flash_attention: q, k, v are CPU tensors; the kernels need a CUDA device "
+                             "(or TRITON_INTERPRET=1 set before importing triton, for the slow interpreter)")
+        if device.type != "cpu":
+            raise ValueError(f"flash_attention: device {device} is not supported; allowed: cuda (cpu with TRITON_INTERPRET=1)")
     if not isinstance(causal, bool):
         raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
     if not 0.0 <= dropout_p < 1.0:
@@ -986,7 +1031,7 @@ def flash_attention(
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     seed = _make_seed(q.device) if dropout_p > 0.0 else None
     if torch.compiler.is_compiling():  # traced: the custom op, one node in the graph
-        out, _ = _forward_op(q, k, v, causal, scale, float(dropout_p), seed)
-    else:  # eager: the same kernels through a leaner autograd.Function
-        out, _ = _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed)
-    return out
+        return _forward_op(q, k, v, causal, scale, float(dropout_p), seed)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed)
+    return _forward_impl(q, k, v, causal, scale, float(dropout_p), seed)[0]  # nothing to differentiate

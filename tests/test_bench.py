@@ -197,14 +197,14 @@ def test_heatmap_forces_each_block_pair(monkeypatch):
 
     forced = bench.forced_config_fn()
     if forced is not None:  # the kernel's hook takes the keywords the heatmap passes
-        inspect.signature(forced).bind(block_m=64, block_n=32)
+        inspect.signature(forced).bind(block_m=64, block_n=32, num_warps=4)
     seen = []
 
     @contextlib.contextmanager
-    def fake_forced(block_m, block_n):
+    def fake_forced(block_m, block_n, num_warps):
         if block_m == 256:
             raise ValueError("BLOCK_M=256 does not fit")
-        seen.append((block_m, block_n))
+        seen.append((block_m, block_n, num_warps))
         yield
 
     monkeypatch.setattr(bench, "forced_config_fn", lambda: fake_forced)
@@ -213,6 +213,7 @@ def test_heatmap_forces_each_block_pair(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     cells = bench.run_heatmap((1, 2, 128, 64), "bf16", True, blocks=(64, 128, 256))
     assert len(cells) == 2 * 3 * 3 and len(seen) == 2 * 2 * 3
+    assert {w for bm, bn, w in seen if bm * bn < 64 * 128} == {4} and (128, 128, 8) in seen
     ok = [c for c in cells if c["block_m"] != 256]
     assert all(
         c["tflops"] == bench.attention_flops(1, 2, 128, 128, 64, True, c["mode"]) / (c["ms"] * 1e-3) / 1e12

@@ -166,6 +166,7 @@ CPU_CASES = [
     (1, 4, 2, 257, 64, 32, False, F32, "contiguous"),
     (2, 2, 2, 64, 100, 64, True, F16, "padded"),
     (1, 4, 4, 100, 100, 80, True, F32, "fused"),
+    (5, 4, 2, 65, 65, 16, True, F32, "fused"),  # 20 heads, 10 kv heads: launch-order groups of 8 and less
 ]
 
 
@@ -252,6 +253,31 @@ def _raw_philox(Seed, Out, n, off_bh, BLOCK: tl.constexpr):
     tl.store(Out + c * 4 + 1, r1.to(tl.int32, bitcast=True), mask=c < n)
     tl.store(Out + c * 4 + 2, r2.to(tl.int32, bitcast=True), mask=c < n)
     tl.store(Out + c * 4 + 3, r3.to(tl.int32, bitcast=True), mask=c < n)
+
+
+@triton.jit
+def _record_program_order(Out):
+    block, head = fa_program_order()
+    launched = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(Out + launched * 2, block)
+    tl.store(Out + launched * 2 + 1, head)
+
+
+fa_program_order = fa._program_order
+
+
+@pytest.mark.parametrize("blocks,heads", [(5, 20), (3, 8), (4, 3), (1, 17)])
+def test_program_order_is_a_permutation_heaviest_blocks_first(blocks, heads):
+    """Every (block, head) of the grid exactly once; in launch order, heads come in groups of HEAD_GROUP
+    (the last one smaller), and within a group block 0 of every head comes first, then block 1, ..."""
+    out = torch.full((heads * blocks, 2), -1, dtype=torch.int32, device=DEVICE)
+    _record_program_order[(blocks, heads)](out)
+    order = [tuple(pair) for pair in out.tolist()]
+    assert sorted(order) == [(b, h) for b in range(blocks) for h in range(heads)]
+    group = fa.HEAD_GROUP.value
+    expected = [(b, h) for start in range(0, heads, group)
+                for b in range(blocks) for h in range(start, min(start + group, heads))]
+    assert order == expected
 
 
 def test_dropout_mask_follows_the_documented_philox_layout():
@@ -371,12 +397,17 @@ def test_opcheck():
                            0.0, None))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "fused", "dmajor"])
+@pytest.mark.parametrize("layout", ["contiguous", "fused", "transposed", "padded", "dmajor", "seq_first"])
 def test_gradients_are_dense_in_the_inputs_layout(layout):
     """dq, dk, dv come out dense, head dim innermost, B, H, T in the memory order of q, k, v: for (B, T, H, D)
     views of a fused projection that is (B, T, H, D), which the projection's backward gathers without a
-    transpose; head-dim-major inputs still get head-dim-minor gradients (coalesced stores)."""
-    q, k, v = (t.detach().requires_grad_() for t in make_qkv(1, 4, 2, 17, 17, 16, torch.float32, layout))
+    transpose; head-dim-major inputs still get head-dim-minor gradients (coalesced stores). seq_first,
+    (T, B, H, D) in memory, takes the general order, not one of the two common ones."""
+    if layout == "seq_first":
+        qkv = [torch.randn(17, 1, h, 16).permute(1, 2, 0, 3) for h in (4, 2, 2)]
+    else:
+        qkv = make_qkv(1, 4, 2, 17, 17, 16, torch.float32, layout)
+    q, k, v = (t.detach().requires_grad_() for t in qkv)
     grads = torch.autograd.grad(flash_attention(q, k, v).sum(), (q, k, v))  # .grad would re-lay them out
     for x, g in zip((q, k, v), grads):
         expected = [*sorted(range(3), key=lambda d: -x.stride(d)), 3]
