@@ -25,7 +25,7 @@ causal; backward 2.5x forward (five products instead of two); forward+backward 3
 Outputs (under --out): bench.csv/json (the table), sweep.csv/json + sweep_d{64,128}_{mode}.png
 (--sweep: TFLOP/s against T at B*T = 16384 tokens, H*D = 2048), heatmap.json + heatmap.png (--heatmap:
 our kernel over a BLOCK_M x BLOCK_N grid, through `kernels.flash_attention.forced_config(block_m=...,
-block_n=...)`, a context manager that pins the block sizes of the forward and backward kernels).
+block_n=..., num_warps=...)`, a context manager that pins the tile of the forward and backward kernels).
 
 Examples
     python -m kernels.bench

@@ -150,7 +150,7 @@ HEAD_GROUP = tl.constexpr(8)
 @triton.jit
 def _program_order():
     """(block, batch * head) of this program of a (blocks, batch * heads) grid, in an order that balances
-    causal work. Every kernel below numbers its blocks heaviest first (under a causal mask block 0 does
+    causal work. Every attention kernel below numbers its blocks heaviest first (under a causal mask block 0 does
     the most work), and the GPU starts programs in grid order, axis 0 fastest. Taken as is, each head's
     programs would start one after another, so the last head's heaviest block would start in the last
     wave and run on alone at the end. Instead heads are taken HEAD_GROUP at a time and, within a group,
@@ -745,6 +745,13 @@ class _Compiled:
         self.run, self.function, self.packed_metadata = kernel.run, kernel.function, kernel.packed_metadata
 
 
+def _launch_hooks_set() -> bool:
+    """Whether a profiler has set Triton's launch hooks (chains of callbacks from triton 3.5, a callable or
+    None in 3.4)."""
+    runtime = triton.knobs.runtime
+    return any(getattr(hook, "calls", hook) for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
 def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **kwargs) -> None:
     """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None) on ``tensors`` (its
     first arguments) and ``scalars`` (the integers and floats after them). An autotuned kernel's first call
@@ -776,14 +783,13 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
     layout = tuple([(t.dtype, p % 16 == 0) for t, p in zip(tensors, pointers)])
     spec = (kernel, key, device, tuple(kwargs.values()), layout, scalars)
     hit = _compiled.get(spec)
-    hooks = triton.knobs.runtime
-    if hit is not None and not (hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls):
-        grid_x, grid_y = grid(hit.meta)
-        hit.run(grid_x, grid_y, 1, triton.runtime.driver.active.get_current_stream(device), hit.function,
+    if hit is not None and not _launch_hooks_set():
+        grid_x, grid_y, grid_z = (*grid(hit.meta), 1, 1)[:3]
+        hit.run(grid_x, grid_y, grid_z, triton.runtime.driver.active.get_current_stream(device), hit.function,
                 hit.packed_metadata, None, None, None, *pointers, *scalars, *hit.constexprs)
         return
     if hit is not None:  # a profiler's launch hooks are set: Triton's launch path calls them
-        hit.kernel[(*grid(hit.meta), 1)](*tensors, *scalars, *hit.constexprs)
+        hit.kernel[(*grid(hit.meta), 1, 1)[:3]](*tensors, *scalars, *hit.constexprs)
         return
     # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel.
     compiled = fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
@@ -874,8 +880,8 @@ def _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse
 
 
 def _input_grads(ctx, grad_out, backward) -> tuple:
-    """(dq, dk, dv, None x 4) through `backward` (the launcher, or the custom op that wraps it). The lse
-    output only serves the backward pass: it is not differentiated through."""
+    """(dq, dk, dv, None x 4) through `backward` (the launcher, or the custom op that wraps it). lse only
+    serves the backward pass: it is not differentiated through."""
     q, k, v, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None, None
@@ -1032,6 +1038,4 @@ def flash_attention(
     seed = _make_seed(q.device) if dropout_p > 0.0 else None
     if torch.compiler.is_compiling():  # traced: the custom op, one node in the graph
         return _forward_op(q, k, v, causal, scale, float(dropout_p), seed)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed)
-    return _forward_impl(q, k, v, causal, scale, float(dropout_p), seed)[0]  # nothing to differentiate
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed)  # eager

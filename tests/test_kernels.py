@@ -10,6 +10,7 @@ interpreter has no bf16); `-m gpu` repeats the criteria in bf16 and fp16 on trai
 import contextlib
 import importlib
 import math
+import types
 
 import pytest
 import torch
@@ -404,7 +405,7 @@ def test_gradients_are_dense_in_the_inputs_layout(layout):
     transpose; head-dim-major inputs still get head-dim-minor gradients (coalesced stores). seq_first,
     (T, B, H, D) in memory, takes the general order, not one of the two common ones."""
     if layout == "seq_first":
-        qkv = [torch.randn(17, 1, h, 16).permute(1, 2, 0, 3) for h in (4, 2, 2)]
+        qkv = [torch.randn(17, 2, h, 16).permute(1, 2, 0, 3) for h in (4, 2, 2)]
     else:
         qkv = make_qkv(1, 4, 2, 17, 17, 16, torch.float32, layout)
     q, k, v = (t.detach().requires_grad_() for t in qkv)
@@ -414,6 +415,8 @@ def test_gradients_are_dense_in_the_inputs_layout(layout):
         assert g.permute(expected).is_contiguous(), (layout, x.stride(), g.stride())
         if layout == "fused":
             assert expected == [0, 2, 1, 3]
+        if layout == "seq_first":
+            assert expected == [2, 0, 1, 3]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,6 +638,66 @@ def test_default_tiles_skip_autotuning(monkeypatch):
     monkeypatch.delenv("MINIGPT_AUTOTUNE")
     tiny = prune(configs, {"Q": q, "SEQ_BUCKET": 16, "BLOCK_D": 64})  # every tile exceeds T: the smallest
     assert [tile(c) for c in tiny] == [(64, 32, 4, 4)]
+
+
+def test_cached_launch_calls_the_c_launcher_unless_hooks_are_set(monkeypatch):
+    """The first launch of a specialization goes through Triton and is remembered; later ones call the
+    compiled kernel's C launcher directly (grid padded to three axes, the stream, no launch metadata or
+    hooks, pointers as integers, scalars, constexprs in signature order); with a profiler's launch hooks
+    set, Triton's own launch path again, which calls them."""
+    calls = []
+
+    class Compiled:  # what Triton's compile returns, reduced to what _launch touches
+        function, packed_metadata = "function", "metadata"
+
+        def _init_handles(self):
+            calls.append("init")
+
+        def run(self, *args):
+            calls.append(("direct", args))
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("triton", grid, args))
+
+    class Kernel:  # a @triton.jit function: kernel[grid](*args, **constexprs) compiles and launches
+        arg_names = ["X", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("compile", grid(kwargs), args, kwargs)) or Compiled()
+
+    class Driver:
+        class active:
+            get_current_stream = staticmethod(lambda device: ("stream", device))
+
+    monkeypatch.setattr(fa, "_interpreting", lambda: False)
+    monkeypatch.setattr(fa, "_compiled", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(triton.runtime, "driver", Driver)
+    hooks = [False]
+    monkeypatch.setattr(fa, "_launch_hooks_set", lambda: hooks[0])
+    x, kernel = torch.zeros(4), Kernel()
+    grid = lambda meta: (meta["BLOCK"] // 2, 3)
+    for _ in range(2):
+        fa._launch(kernel, grid, None, (x,), (5,), BLOCK=4)
+    hooks[0] = True
+    fa._launch(kernel, grid, None, (x,), (5,), BLOCK=4)
+    assert calls == [
+        ("compile", (2, 3), (x, 5), {"BLOCK": 4}),
+        "init",
+        ("direct", (2, 3, 1, ("stream", 0), "function", "metadata", None, None, None, x.data_ptr(), 5, 4)),
+        ("triton", (2, 3, 1), (x, 5, 4)),
+    ]
+
+
+def test_launch_hooks_set_reads_each_triton_form(monkeypatch):
+    """Triton's launch hooks are chains of callbacks (triton >= 3.5) or a callable or None (3.4)."""
+    runtime = triton.knobs.runtime
+    hook = lambda metadata: None
+    for enter, expected in ((None, False), (hook, True), (types.SimpleNamespace(calls=[]), False),
+                            (types.SimpleNamespace(calls=[hook]), True)):
+        monkeypatch.setattr(runtime, "launch_enter_hook", enter)
+        monkeypatch.setattr(runtime, "launch_exit_hook", None)
+        assert fa._launch_hooks_set() is expected
 
 
 def test_every_config_suits_dropout():
