@@ -150,12 +150,12 @@ HEAD_GROUP = tl.constexpr(8)
 @triton.jit
 def _program_order():
     """(block, batch * head) of this program of a (blocks, batch * heads) grid, in an order that balances
-    causal work. Every attention kernel below numbers its blocks heaviest first (under a causal mask block 0 does
-    the most work), and the GPU starts programs in grid order, axis 0 fastest. Taken as is, each head's
-    programs would start one after another, so the last head's heaviest block would start in the last
-    wave and run on alone at the end. Instead heads are taken HEAD_GROUP at a time and, within a group,
-    block by block across its heads: a group's heaviest blocks start first, its lightest end it. The K
-    and V (or Q and dO) of eight heads stay few enough to share L2 while their programs run.
+    causal work. Every attention kernel below numbers its blocks heaviest first (under a causal mask
+    block 0 does the most work), and the GPU starts programs in grid order, axis 0 fastest. Taken as is,
+    each head's programs would start one after another, so the last head's heaviest block would start in
+    the last wave and run on alone at the end. Instead heads are taken HEAD_GROUP at a time and, within a
+    group, block by block across its heads: a group's heaviest blocks start first, its lightest end it.
+    The K and V (or Q and dO) of eight heads stay few enough to share L2 while their programs run.
     bench/NOTES.md v10: 1-6% faster than head by head at long sequences."""
     n_blocks = tl.num_programs(0)
     n_heads = tl.num_programs(1)
