@@ -12,7 +12,8 @@ its optimizer and schedule (``GPTModule.configure_optimizers``), the training ba
 ``TextDataModule``, the precision of the Trainer (bf16 autocast on a GPU, fp32 on the CPU, unless
 ``trainer.precision`` says otherwise) and its gradient clipping. Then it runs ``--warmup`` steps (they
 absorb compilation and the allocator's first requests), ``--steps`` measured steps, then ``--steps`` more
-steps free-running, and prints the mean step split of the measured steps into
+steps free-running (after ``--warmup`` more when attention was timed: a compiled model compiles again
+without the timer), and prints the mean step split of the measured steps into
 
     data          waiting for the next batch and copying it to the device
     attn fwd/bwd  attention forward and backward, summed over layers (``minigpt.timing.AttentionTimer``)
@@ -21,8 +22,8 @@ steps free-running, and prints the mean step split of the measured steps into
 
 with tokens/s and MFU (``GPT.flops_per_token()`` x tokens/s over the GPU's bf16 peak from
 ``minigpt.callbacks.peak_tflops``; none on a CPU or an unlisted GPU). The parts share their boundaries, so
-they add up to the step. Tokens/s and MFU come from the free-running steps, which run as training runs
-them: no marks, no synchronization, the host queueing work ahead of the GPU.
+they add up to the step. Tokens/s and MFU come from the free-running steps, which run as training runs its
+untimed steps: no marks, no attention timer, no synchronization, the host queueing work ahead of the GPU.
 
 Clocks. On CUDA every boundary is a CUDA event and the device is synchronized once, at the end of each
 timed step: the next step then starts on an idle GPU, so the span from its first event to the event after
@@ -32,9 +33,9 @@ free-running ones, by up to the host's whole launch time when the host is the bo
 boundaries are ``time.perf_counter()`` marks.
 
 Compile and attention timing. ``AttentionTimer`` runs the attention call eagerly, so with
-``model.compile`` true and ``model.time_attention`` true (the default) the compiled model breaks its graph
-at every attention call. ``--model.time_attention false`` measures the model compiled whole, without the
-attention split.
+``model.compile`` true and ``model.time_attention`` true (the default) the measured steps run a compiled
+model broken at every attention call; the free-running steps run it whole. ``--model.time_attention
+false`` measures the model compiled whole in both, without the attention split.
 """
 
 import json
@@ -147,15 +148,17 @@ def bench(
     optimizer, schedule = opt_config["optimizer"], opt_config["lr_scheduler"]["scheduler"]
     accumulate = trainer.accumulate_grad_batches
     clip_val, clip_algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
-    timer = AttentionTimer() if module.hparams.time_attention else None
-    model.set_attention_timer(timer)
+    attention_timer = AttentionTimer() if module.hparams.time_attention else None
+    model.set_attention_timer(attention_timer)
     clock = _Clock(device)
     batches = iter(datamodule.train_dataloader(start=0))
 
     def step(index: int, measure: bool = True) -> dict | None:
-        """One training step. measure: mark its parts and synchronize at its end; otherwise run it as
-        training does, queued behind the previous steps (the attention timer, if any, still times it)."""
+        """One training step. measure: mark its parts, time attention (with the timer installed) and
+        synchronize at its end; otherwise run it as training runs an untimed step, queued behind the
+        previous steps."""
         mark = clock.mark if measure else lambda: None
+        timer = attention_timer if measure else None
         wall = time.perf_counter()
         # boundaries: the start, then per micro-batch "copied" and "done", then the end; each part of the
         # step lies between two of them, so the parts add up to the step
@@ -183,8 +186,6 @@ def bench(
         if timer is not None:
             timer.end_step()
         if not measure:
-            if timer is not None:
-                timer.pop_ready()  # never blocks
             return None
         if clock.cuda:
             torch.cuda.synchronize(device)  # once per step, after its last event: see the module doc
@@ -211,16 +212,21 @@ def bench(
         for i in range(warmup):
             step(i)
         timed = [step(warmup + i) for i in range(steps)]
-        # the same number of steps again, free-running as in training: the host queues work ahead
+        # the same number of steps again, free-running as in training: the host queues work ahead, and
+        # attention runs untimed (training times one step in log_every_n_steps, or fewer)
+        model.set_attention_timer(None)
+        first = warmup + steps
+        if attention_timer is not None:  # a compiled model compiles its graph without the timer first
+            for i in range(warmup):
+                step(first + i, measure=False)
+            first += warmup
         synchronize()
         start = time.perf_counter()
         for i in range(steps):
-            step(warmup + steps + i, measure=False)
+            step(first + i, measure=False)
         synchronize()
         free_ms = (time.perf_counter() - start) * 1e3 / steps
-        if timer is not None:
-            timer.flush()
-        first = warmup + 2 * steps
+        first += steps
         top = _top_kernels(lambda i: step(first + i, measure=False), profile, device) if profile else None
     finally:
         model.set_attention_timer(None)
@@ -239,7 +245,7 @@ def bench(
         "attention": module.attention_backend,
         "precision": str(trainer.precision),
         "compile": module.hparams.compile_mode if module.hparams.compile else False,
-        "time_attention": timer is not None,
+        "time_attention": attention_timer is not None,
         "n_params": model.num_params(),
         "flops_per_token": model.flops_per_token(),
         "batch_size": datamodule.batch_size,

@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from minigpt.model import check_sampling
+
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name.
 # The first match wins, so the more specific names come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -88,7 +90,8 @@ class ThroughputLogger(L.Callback):
                 self._measuring, self._start = True, self._now(pl_module)
             return
         self._tokens += batch[0].numel()
-        if not stepped or trainer.global_step % (self.window or trainer.log_every_n_steps) != 0:
+        window = self.window or trainer.log_every_n_steps  # log_every_n_steps 0: no step logging
+        if not stepped or not window or trainer.global_step % window != 0:
             return
         now = self._now(pl_module)
         seconds = self._elapsed + now - self._start
@@ -131,8 +134,24 @@ class SampleText(L.Callback):
         top_k: int | None = 200,
         seed: int = 0,
     ):
+        # checked now, not at the first validation, where a failure would lose the steps trained so far
+        if not prompt:
+            raise ValueError("prompt must be a non-empty string: the sample continues it")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, None)
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.datamodule.setup()  # done by now in a fit (a no-op then): the tokenizer
+        tokens = len(trainer.datamodule.tokenizer.encode(self.prompt, allowed_special="all"))
+        block_size = pl_module.model.config.block_size
+        if tokens >= block_size:
+            raise ValueError(
+                f"SampleText: the prompt is {tokens} tokens, which leaves no room to sample within "
+                f"model.block_size={block_size}; shorten it"
+            )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

@@ -12,11 +12,12 @@ Runs on disk. Everything of one run lives in ``<out_dir>/<run_name>/`` (run_name
 
     config.yaml          the full config of the run
     metrics.csv          every logged metric with its step (Lightning's CSVLogger; a step can span rows)
-    checkpoints/         last.ckpt and the best one by val/loss (best-step=N.ckpt)
+    checkpoints/         last.ckpt (each validation, and the end) and the best by val/loss (best-step=N.ckpt)
     wandb/               the wandb run (offline unless wandb credentials exist or --wandb_mode online)
 
-``--ckpt_path last`` resumes this run from its ``last.ckpt`` and continues the same trajectory (same
-batches, same dropout masks); ``--ckpt_path <file>`` starts from any checkpoint.
+``--ckpt_path last`` resumes this run from its ``last.ckpt`` and, with the same settings, continues the same
+trajectory (same batches, same dropout masks; see ``TextDataModule.start_index`` and
+``GPTModule.decay_steps`` for a resume with other ones); ``--ckpt_path <file>`` starts from any checkpoint.
 """
 
 import csv
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -44,6 +46,13 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+# Keys the parser fills in from others (the links in TrainCLI.add_arguments_to_parser): a value given for
+# them would be dropped without a word, so giving one is an error.
+DERIVED_KEYS = {
+    "data.block_size": "model.block_size sets it",
+    "model.vocab_size": "the tokenizer (data.tokenizer) sets it",
+}
 
 # Trainer settings that differ from Lightning's defaults (a config's `trainer:` section overrides them).
 TRAINER_DEFAULTS = {
@@ -113,6 +122,22 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("model.block_size", "data.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse as LightningCLI does, refusing values for the derived keys (DERIVED_KEYS), on the command
+        line or in a config file."""
+        argv = sys.argv[1:] if args is None else args
+        for arg in argv if isinstance(argv, (list, tuple)) else ():
+            key = str(arg).split("=", 1)[0].removeprefix("--")
+            if key in DERIVED_KEYS:
+                parser.error(f"--{key} cannot be set: {DERIVED_KEYS[key]}")
+        super().parse_arguments(parser, args)
+        for path in self.config.get("config") or []:
+            content = yaml.safe_load(path.get_content()) if hasattr(path, "get_content") else None
+            for key, source in DERIVED_KEYS.items():
+                section, name = key.split(".")
+                if isinstance(content, dict) and name in (content.get(section) or {}):
+                    parser.error(f"{path}: {key} cannot be set: {source}")
+
     def before_instantiate_classes(self) -> None:
         """Settle the run folder and the checkpoint before any data or model work."""
         cfg = self.config
@@ -124,8 +149,9 @@ class TrainCLI(LightningCLI):
         self.run_dir = Path(cfg.out_dir) / cfg.run_name
 
         self.ckpt_path = None
+        checkpoints = self.run_dir / "checkpoints"
         if cfg.ckpt_path == "last":
-            last = self.run_dir / "checkpoints" / "last.ckpt"
+            last = checkpoints / "last.ckpt"
             if not last.is_file():
                 runs = sorted(p.name for p in Path(cfg.out_dir).glob("*"))
                 self.parser.error(
@@ -133,15 +159,20 @@ class TrainCLI(LightningCLI):
                     f"and --out_dir (run folders in {cfg.out_dir}: {runs})"
                 )
             self.ckpt_path = str(last)
-        elif cfg.ckpt_path is not None:
-            if not Path(cfg.ckpt_path).is_file():
-                self.parser.error(f"--ckpt_path {cfg.ckpt_path}: no such checkpoint file")
+        elif cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path {cfg.ckpt_path}: no such checkpoint file")
+        else:
             self.ckpt_path = cfg.ckpt_path
-        elif rank_zero_only.rank == 0 and (
-            (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.csv").exists()
+        # Whether the run continues from one of its own checkpoints, moved with its folder or not.
+        self.resumes_own_run = self.ckpt_path is not None and Path(self.ckpt_path).resolve().parent == (
+            checkpoints.resolve()
+        )
+        if not self.resumes_own_run and rank_zero_only.rank == 0 and (
+            checkpoints.exists() or (self.run_dir / "metrics.csv").exists()
         ):
-            # A new run in an old run's folder would replace its checkpoints: only when asked to. Decided
-            # by rank zero alone: under DDP the other ranks start once rank zero has begun writing.
+            # A new run in an old run's folder (from scratch, or from another run's checkpoint) would replace
+            # its checkpoints and metrics: only when asked to. Decided by rank zero alone: under DDP the
+            # other ranks start once rank zero has begun writing.
             if not cfg.overwrite:
                 self.parser.error(
                     f"{self.run_dir} already holds a run: pass --ckpt_path last to continue it, "
@@ -149,7 +180,7 @@ class TrainCLI(LightningCLI):
                 )
             rank_zero_warn(f"--overwrite: replacing the run in {self.run_dir}")
             (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(checkpoints, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
@@ -175,12 +206,7 @@ class TrainCLI(LightningCLI):
             trainer_cfg["logger"] = loggers
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         if trainer_cfg.get("enable_checkpointing") is not False:
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=self.run_dir / "checkpoints", filename="best-{step}", monitor="val/loss",
-                    mode="min", save_top_k=1, save_last=True,
-                )
-            )
+            callbacks.append(RunCheckpoint(self.run_dir / "checkpoints", own_run=self.resumes_own_run))
         if trainer_cfg.get("default_root_dir") is None:
             trainer_cfg["default_root_dir"] = str(self.run_dir)
         return self._instantiate_trainer(trainer_cfg, callbacks)
@@ -190,6 +216,48 @@ class TrainCLI(LightningCLI):
         # each wandb run folder holds run-<id>.wandb (the folder name may carry a -N suffix, so not from it)
         logs = sorted((self.run_dir / "wandb" / "latest-run").glob("run-*.wandb"))
         return logs[0].stem.removeprefix("run-") if logs else None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """The run's checkpoints in `dirpath`: `last.ckpt`, written after every validation and when training
+    ends, and the best by val/loss, `best-step=N.ckpt`. Each file is replaced in place, never versioned
+    (`last-v1.ckpt` would leave `last.ckpt` behind, and `--ckpt_path last` would go back to it).
+
+    own_run: the run resumes from a checkpoint of this folder. Lightning forgets which file is the best
+    when the folder's absolute path has changed since the checkpoint (a run folder copied to another
+    machine, a new --out_dir), and would then keep two best files; the paths are carried over instead."""
+
+    def __init__(self, dirpath: str | Path, own_run: bool = False):
+        super().__init__(
+            dirpath=dirpath, filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1,
+            save_last=True, enable_version_counter=False,
+        )
+        self.own_run = own_run
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if self.own_run and saved_dir and self.dirpath and saved_dir != self.dirpath:
+
+            def here(path):
+                if not path or Path(path).parent != Path(saved_dir):
+                    return path
+                return str(Path(self.dirpath) / Path(path).name)
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": here(state_dict.get("best_model_path")),
+                "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                "last_model_path": here(state_dict.get("last_model_path")),
+                "best_k_models": {here(p): v for p, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning writes last.ckpt at the end only if it never wrote one: the steps after the last
+        # validation (max_steps not a multiple of val_check_interval) would be lost to sampling and resuming.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RunCSVLogger(CSVLogger):

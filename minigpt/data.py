@@ -450,6 +450,7 @@ class TextDataModule(L.LightningDataModule):
         self.folder = Path(cache_dir) / cache_key(source, tokenizer)
         self.tokenizer: tiktoken.Encoding | None = None
         self.meta: dict | None = None
+        self._resumed_at = (0, 0)  # (global_step, samples trained) of the checkpoint a run resumed from
 
     def prepare_data(self) -> None:
         build_cache(self.source, self.tokenizer_name, self.val_fraction, self.cache_dir)
@@ -490,12 +491,16 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def start_index(self) -> int:
-        """First sample of the training stream: where a run resumed at `trainer.global_step` stands."""
+        """First sample of the training stream not trained on yet, at `trainer.global_step`: the samples of
+        the steps up to the checkpoint a run resumed from (saved with it, so that a resume with another
+        batch size, accumulation or device count neither repeats nor skips any), plus those of the steps
+        since, at the current samples per step."""
         trainer = self.trainer
         if trainer is None:
             return 0
         per_step = trainer.accumulate_grad_batches * self.batch_size * trainer.world_size
-        return trainer.global_step * per_step
+        step, samples = self._resumed_at
+        return samples + (trainer.global_step - step) * per_step
 
     def train_dataloader(self, start: int | None = None) -> DataLoader:
         """Endless training batches; `start` (a sample index) defaults to `start_index()`."""
@@ -520,6 +525,8 @@ class TextDataModule(L.LightningDataModule):
             "tokenizer": self.tokenizer_name,
             "seed": self.seed,
             "fingerprint": self.meta["fingerprint"] if self.meta else None,
+            "global_step": self.trainer.global_step if self.trainer is not None else 0,
+            "samples_seen": self.start_index(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -540,3 +547,5 @@ class TextDataModule(L.LightningDataModule):
                 f"data.source={self.source!r} has changed since the checkpoint was written (its text or "
                 "build settings differ); resume on the same data, or start a new run"
             )
+        if "samples_seen" in state_dict:  # absent from older checkpoints: all steps at today's geometry
+            self._resumed_at = (state_dict["global_step"], state_dict["samples_seen"])

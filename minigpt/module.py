@@ -87,6 +87,8 @@ class GPTModule(L.LightningModule):
                 compiled model runs its timed steps eagerly, one step in ten logged ones (minigpt.timing).
         """
         super().__init__()
+        if not learning_rate > 0.0:
+            raise ValueError(f"learning_rate={learning_rate} must be > 0")
         if not 0.0 <= min_lr <= learning_rate:
             raise ValueError(f"min_lr={min_lr} must lie in [0, learning_rate={learning_rate}]")
         if warmup_steps < 0:
@@ -107,6 +109,8 @@ class GPTModule(L.LightningModule):
         self._base_seed = 0
         self._micro = (-1, 0)  # (global_step, micro-batch within it) of the current batch
         self._grad_norm: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None  # the logged step's earlier micro-batch losses, summed
+        self._run_decay_steps: int | None = None  # the decay horizon of the run this one resumes
 
     # ---- setup ------------------------------------------------------------------------------------------
 
@@ -190,10 +194,17 @@ class GPTModule(L.LightningModule):
         # Logged only on the steps the loggers write (Lightning drops the other steps' values anyway): each
         # self.log costs about 2 ms of Python (cProfile, 2-core CPU), and the progress bar and a logged
         # Python float would wait for the GPU. On those steps the loggers read the logged tensors anyway.
+        # With gradient accumulation the step's loss is the mean over its micro-batches, as its gradient is.
         if self._logs_this_step():
-            self.log("train/loss", loss, on_step=True, on_epoch=False)
-            self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+            micro, accumulate = self._micro[1], self.trainer.accumulate_grad_batches
+            total = loss.detach() if micro == 0 else self._loss_sum + loss.detach()
+            if micro + 1 < accumulate:
+                self._loss_sum = total
+            else:
+                mean = total / accumulate
+                self.log("train/loss", mean, on_step=True, on_epoch=False)
+                self.log("loss", mean, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+                self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -202,8 +213,10 @@ class GPTModule(L.LightningModule):
             self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
 
     def _logs_this_step(self) -> bool:
-        """Whether the loggers write this step's metrics (Lightning's rule, less its last-step case)."""
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        """Whether the loggers write this step's metrics (Lightning's rule, less its last-step case; 0 turns
+        step logging off)."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def _gradient_norm(self) -> torch.Tensor:
         """The 2-norm of the whole gradient. Under FSDP each rank holds a shard of it: the squares are
@@ -240,12 +253,18 @@ class GPTModule(L.LightningModule):
 
     # ---- optimizer and schedule -------------------------------------------------------------------------
 
+    def decay_steps(self) -> int:
+        """The optimizer step at which the cosine reaches min_lr: lr_decay_steps, else that of the run this
+        one resumes (a resumed run keeps its schedule when trainer.max_steps changes), else max_steps."""
+        decay_steps = self.hparams.lr_decay_steps or self._run_decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps <= 0:
+            raise ValueError("lr_decay_steps=None needs trainer.max_steps set (> 0); set one of them")
+        return decay_steps
+
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step`: linear warmup, then cosine down to min_lr."""
         hp = self.hparams
-        decay_steps = hp.lr_decay_steps or self.trainer.max_steps
-        if decay_steps is None or decay_steps <= 0:
-            raise ValueError("lr_decay_steps=None needs trainer.max_steps set (> 0); set one of them")
+        decay_steps = self.decay_steps()
         if step < hp.warmup_steps:
             return hp.learning_rate * (step + 1) / (hp.warmup_steps + 1)
         if step >= decay_steps:
@@ -275,6 +294,16 @@ class GPTModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             checkpoint["tokenizer"] = tokenizer_to_dict(datamodule.tokenizer)
+        checkpoint["lr_decay_steps"] = self.decay_steps()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._run_decay_steps = checkpoint.get("lr_decay_steps")
+        max_steps = self._trainer.max_steps if self._trainer is not None else None
+        if self._run_decay_steps and not self.hparams.lr_decay_steps and max_steps != self._run_decay_steps:
+            rank_zero_info(
+                f"trainer.max_steps={max_steps}: the learning rate keeps the run's schedule, which decays "
+                f"until step {self._run_decay_steps}; --model.lr_decay_steps sets another"
+            )
 
 
 def shard_copies(sharding_strategy: str, world_size: int, num_nodes: int) -> int:

@@ -257,7 +257,8 @@ class AttentionTimingCallback(L.Callback):
     Args:
         every_n_steps: time one optimizer step in every ``every_n_steps``: the steps ``s`` with
             ``(s + 1) % every_n_steps == 0``, which are those whose ``train/loss`` the loggers write. None
-            (the default) takes the trainer's ``log_every_n_steps``; 1 times every step.
+            (the default) takes the trainer's ``log_every_n_steps`` (0: no step is timed); 1 times every
+            step.
 
             For a compiled model, whose timed steps run eagerly, None takes ten times that.
 
@@ -280,15 +281,16 @@ class AttentionTimingCallback(L.Callback):
         self._compiled = _is_compiled(pl_module)
 
     def interval(self, trainer: L.Trainer) -> int:
-        """Optimizer steps between timed steps."""
+        """Optimizer steps between timed steps; 0: none is timed (log_every_n_steps 0 logs no step)."""
         if self.every_n_steps is not None:
             return self.every_n_steps
-        return (trainer.log_every_n_steps or 1) * (10 if self._compiled else 1)
+        return trainer.log_every_n_steps * (10 if self._compiled else 1)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx):
         step = trainer.global_step
         # the first micro-batch of an optimizer step that is timed
-        if not self.timer.step_open and self._opened_at != step and (step + 1) % self.interval(trainer) == 0:
+        every = self.interval(trainer)
+        if not self.timer.step_open and self._opened_at != step and every and (step + 1) % every == 0:
             self._opened_at = step
             if self._compiled:
                 torch.compiler.set_stance("force_eager")

@@ -56,8 +56,18 @@ def check_split(r: dict) -> None:
 
 def test_tiny_step_split(workdir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working folder (no run folder, no logs)
+    from minigpt.timing import AttentionTimer
+
+    timed_steps, start_step = [], AttentionTimer.start_step
+
+    def recording_start_step(self, step, device):
+        timed_steps.append(step)
+        start_step(self, step, device)
+
+    monkeypatch.setattr(AttentionTimer, "start_step", recording_start_step)
     out = tmp_path / "bench" / "tiny.json"
     r = main(tiny_args(workdir, "--steps", "6", "--warmup", "2", "--json", str(out)))
+    assert timed_steps == list(range(8)), "warm-up and measured steps timed, the free-running ones not"
 
     assert r["device"] == "cpu" and r["attention"] == "sdpa" and r["precision"] == "32-true"
     assert r["tokens_per_step"] == 8 * 32 and r["steps"] == 6 and r["warmup"] == 2

@@ -260,6 +260,27 @@ def test_stream_start_continues_the_same_stream(corpus, tmp_path):
     assert torch.equal(next(iter(dm.train_dataloader()))[0], full[6][0])
 
 
+def test_resume_with_another_batch_geometry_continues_the_stream(corpus, tmp_path):
+    """The samples trained so far travel in the checkpoint: after 3 steps of 2 x 4 samples, a resume with
+    batches of 2 on 2 devices starts at sample 24 of the one stream, whatever the new samples per step."""
+    dm = make(corpus, tmp_path)
+    dm.trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=2, world_size=1, global_rank=0)
+    state = dm.state_dict()
+    assert state["samples_seen"] == 24 and state["global_step"] == 3
+    resumed = make(corpus, tmp_path, batch_size=2)
+    resumed.load_state_dict(state)
+    resumed.trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=1, world_size=2, global_rank=1)
+    assert resumed.start_index() == 24
+    stream = batches(make(corpus, tmp_path, batch_size=2).train_dataloader(start=0), 14)
+    assert torch.equal(next(iter(resumed.train_dataloader()))[0], stream[13][0]), "rank 1: samples 26, 27"
+    resumed.trainer.global_step = 5  # two steps later, at 4 samples per step
+    assert resumed.start_index() == 32 and resumed.state_dict()["samples_seen"] == 32
+    legacy = make(corpus, tmp_path)  # a checkpoint from before samples_seen: every step at today's geometry
+    legacy.load_state_dict({k: v for k, v in state.items() if k not in ("samples_seen", "global_step")})
+    legacy.trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=1, world_size=1, global_rank=0)
+    assert legacy.start_index() == 3 * 4
+
+
 def test_ranks_share_out_the_stream(corpus, tmp_path):
     """Under DDP (world_size 2) rank r takes batches r, r + 2, ... of the one-process stream: the ranks see
     different windows, together the same ones, and each rank's stream is a function of the seed alone."""

@@ -7,6 +7,7 @@ temporary folders. One 30-step run serves several tests.
 import csv
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -165,6 +166,92 @@ def test_resume_continues_the_same_trajectory(tiny_run, workdir):
     assert len(folders) == 2 and len(run_ids) == 1, (folders, run_ids)
 
 
+def test_resume_keeps_the_schedule_of_the_run(workdir):
+    """A run resumed with a larger max_steps keeps decaying to the first leg's horizon (no jump of the
+    learning rate back up the cosine); lr_decay_steps would set another."""
+    args = tiny_args(workdir, "--run_name", "extended", "--trainer.val_check_interval", "5")
+    main([*args, "--trainer.max_steps", "10"])
+    main([*args, "--trainer.max_steps", "15", "--ckpt_path", "last"])
+    lr = read_metric(workdir / "runs" / "extended", "train/lr")
+    assert sorted(lr) == list(range(15))
+    assert lr[8] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi * 3 / 5)) * 2.7e-3)  # horizon 10
+    assert all(lr[s] == pytest.approx(3e-4) for s in range(10, 15)), "min_lr after the first leg's horizon"
+
+
+def test_last_checkpoint_at_the_end_and_after_the_run_folder_moves(workdir, tmp_path):
+    """last.ckpt also holds the steps after the last validation; a run folder moved elsewhere resumes into
+    the same two files (last.ckpt and one best-step=N.ckpt), so a second resume continues the newest."""
+    first = tmp_path / "first"
+    main(tiny_args(workdir, "--out_dir", str(first), "--run_name", "r", "--trainer.max_steps", "15"))
+    checkpoints = first / "r" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 15
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    main(tiny_args(workdir, "--out_dir", str(moved), "--run_name", "r", "--trainer.max_steps", "30",
+                   "--ckpt_path", "last"))  # fmt: skip
+    checkpoints = moved / "r" / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["best-step=30.ckpt", "last.ckpt"], names
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 30
+
+
+def test_accumulated_step_logs_the_mean_of_its_micro_batches(workdir, monkeypatch):
+    from minigpt.module import GPTModule
+
+    losses, training_step = [], GPTModule.training_step
+
+    def recording_training_step(self, batch, batch_idx):
+        loss = training_step(self, batch, batch_idx)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(GPTModule, "training_step", recording_training_step)
+    main(tiny_args(workdir, "--run_name", "accumulated", "--trainer.max_steps", "3",
+                   "--trainer.accumulate_grad_batches", "2", "--trainer.enable_checkpointing",
+                   "false"))  # fmt: skip
+    logged = read_metric(workdir / "runs" / "accumulated", "train/loss")
+    assert len(losses) == 6 and losses[0] != losses[1]
+    means = [(losses[2 * s] + losses[2 * s + 1]) / 2 for s in range(3)]
+    assert [logged[s] for s in range(3)] == pytest.approx(means)
+
+
+def test_step_logging_off(workdir):
+    """log_every_n_steps 0 turns step logging off (Lightning's meaning): no train/loss, no timed step."""
+    main(tiny_args(workdir, "--run_name", "quiet", "--trainer.max_steps", "3",
+                   "--trainer.log_every_n_steps", "0",
+                   "--trainer.enable_checkpointing", "false"))  # fmt: skip
+    metrics = workdir / "runs" / "quiet" / "metrics.csv"  # no file when nothing was logged
+    rows = list(csv.DictReader(metrics.read_text().splitlines())) if metrics.exists() else []
+    assert not any(r.get("train/loss") or r.get("attn/fwd_ms") or r.get("perf/tokens_per_s") for r in rows)
+
+
+def test_derived_keys_cannot_be_set(workdir, tmp_path, capsys):
+    """model.block_size sets data.block_size and the tokenizer sets model.vocab_size: a value given for
+    either would be dropped, so it is refused, in a config file as on the command line."""
+    config = tmp_path / "derived.yaml"
+    config.write_text("data:\n  block_size: 16\n")
+    with pytest.raises(SystemExit):
+        main(tiny_args(workdir, "--config", str(config)))
+    assert "data.block_size cannot be set: model.block_size sets it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(tiny_args(workdir, "--model.vocab_size=100"))
+    assert "model.vocab_size cannot be set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model.learning_rate", "0", "learning_rate=0.0 must be > 0"),
+        ("--model.min_lr", "0.01", "min_lr=0.01 must lie in"),
+        ("--model.lr_decay_steps", "3", "lr_decay_steps=3 must be None or > warmup_steps=5"),
+    ],
+)
+def test_bad_schedule_fails_before_training(workdir, flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        main(tiny_args(workdir, "--run_name", "bad-schedule", flag, value))
+    assert not (workdir / "runs" / "bad-schedule" / "checkpoints").exists()
+
+
 def test_unknown_config_key_fails_clearly(workdir, capsys):
     with pytest.raises(SystemExit) as e:
         main(tiny_args(workdir, "--model.n_layers", "3"))
@@ -190,6 +277,16 @@ def test_a_new_run_never_replaces_an_old_one_unasked(tiny_run, workdir, capsys):
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--ckpt_path last" in err and "--overwrite true" in err
     assert (tiny_run / "checkpoints" / "last.ckpt").is_file(), "the old run's checkpoints are kept"
+
+
+def test_another_runs_checkpoint_needs_a_run_folder_of_its_own(tiny_run, workdir, capsys):
+    other = workdir / "other.ckpt"
+    shutil.copy(tiny_run / "checkpoints" / "last.ckpt", other)
+    metrics = (tiny_run / "metrics.csv").read_text()
+    with pytest.raises(SystemExit):
+        main(tiny_args(workdir, "--run_name", "straight", "--ckpt_path", str(other)))
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tiny_run / "metrics.csv").read_text() == metrics, "the old run's metrics are kept"
 
 
 def test_resume_on_another_data_seed_fails_clearly(tiny_run, workdir):
