@@ -4,7 +4,8 @@ Attention computes ``O = softmax(scale * Q K^T + mask) V``. Written out, the sco
 T x S entries per head, far too many bytes to write to memory and read back. FlashAttention
 (Dao et al. 2022; FlashAttention-2, Dao 2023) never materializes it: each program owns a block of
 query rows, streams the keys and values through on-chip memory one block at a time, and keeps a
-running ("online") softmax, so memory traffic stays linear in the sequence length.
+running ("online") softmax. Nothing of size T x S is stored: extra memory is linear in the sequence
+length, and each key or value read from memory serves a whole block of queries.
 
 The parts, in the order a call uses them:
 
@@ -30,8 +31,8 @@ Conventions. q is (B, H, T, D), k and v are (B, H_kv, S, D), any strides. The ca
 bottom-right: query i sees key j when ``j <= i + S - T`` (for T == S the usual lower triangle; for
 T == 1 the newest query of a KV-cache decode sees every key). When T > S the first T - S query rows
 see no key at all: their output is 0 and their log-sum-exp is -inf (PyTorch's math path returns NaN
-there). Dropout is drawn inside the kernels from Philox counters (seed, batch * head, row, column),
-so the backward regenerates exactly the forward's mask and nothing of size T x S is ever stored.
+there). Dropout is drawn inside the kernels from Philox, keyed by the seed and the (batch, head) pair and
+counting over (row, column), so the backward regenerates exactly the forward's mask and no mask is stored.
 """
 
 import contextlib
@@ -112,8 +113,9 @@ def _dropout_keep(seed_bh, offs_m, start_n, S, dropout_p, BLOCK_M: tl.constexpr,
     Which keys share a call follows the tensor cores' accumulator layout, where a thread holds two
     neighbouring columns of every group of eight: key ``32g + 8o + 2q + e`` of row i takes half e (0: low,
     1: high) of output o of the call with counter ``(i * cdiv(S, 32) + g) * 4 + q`` (int32: T * S / 8
-    < 2**31). The eight numbers of a call then land in one thread, and the mask needs no trip through
-    shared memory to meet the scores (it did when a call served eight adjacent keys). The forward, both
+    < 2**31). The eight numbers of a call then land in one thread, and in the forward and dQ programs the
+    mask needs no trip through shared memory to meet the scores (it did when a call served eight adjacent
+    keys); the dK/dV programs work on transposed tiles, where it still crosses threads. The forward, both
     kinds of backward program and ``dropout_keep_mask`` call this same function.
     """
     tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles (BLOCK_N) that are multiples of 32")
@@ -722,7 +724,7 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
         BLOCK_D=max(16, _next_power_of_2(D)),  # tl.dot wants power-of-two tiles >= 16: pad and mask
         IS_CAUSAL=causal,
         HAS_DROPOUT=dropout_p > 0.0,
-        # fp32 inputs use exact fp32 products; TF32 (10-bit mantissa) would lose accuracy silently.
+        # fp32 inputs use full fp32 products; TF32 (10-bit mantissa) would lose accuracy silently.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
@@ -1030,7 +1032,7 @@ def flash_attention(
         dropout_p: attention dropout drawn in the kernel (pass 0.0 in eval). Each call draws a new seed
             from torch's default generator for the device, so ``torch.manual_seed`` makes it repeatable.
 
-    fp32 inputs use exact fp32 (IEEE) matrix products, never TF32. Results are deterministic: no atomics.
+    fp32 inputs use full-precision fp32 matrix products ("ieee"), never TF32. Results are deterministic: no atomics.
     Returns the (B, H, T, D) output, laid out in memory as (B, T, H, D).
     """
     _validate(q, k, v, causal, sm_scale, dropout_p)
