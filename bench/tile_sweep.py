@@ -131,8 +131,8 @@ def time_tiles(kind: str, x: dict, log, chosen: list[tuple] | None = None) -> tu
                 t.fill_(float("nan"))  # an element a tile fails to write stays NaN
             fn()
             got = [t.float() for t in written]
-            if reference is None:  # the first tile's output, or the default launches' gradients
-                reference = got if kind == "fwd" else [x["grads"][n].float() for n in names]
+            if reference is None:  # what the default launches computed
+                reference = [x["out"].float()] if kind == "fwd" else [x["grads"][n].float() for n in names]
             diffs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, reference)]
             record["rel_diff"] = max(diffs)
             record["ms"] = do_bench(fn, warmup=25, rep=60, return_mode="median")

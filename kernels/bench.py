@@ -107,13 +107,16 @@ class Result:
 
 
 def attention_flops(B: int, H: int, T: int, S: int, D: int, causal: bool, mode: str) -> float:
-    """FLOPs of attention: forward 4*B*H*T*S*D, halved for causal; backward 2.5x, forward+backward 3.5x."""
+    """FLOPs of attention: forward 4*D per (query, key) pair that is computed, backward 2.5x, forward +
+    backward 3.5x. Without a mask that is all T*S pairs. The causal mask (bottom-right aligned) keeps
+    T*S - T²/2 when S >= T (for T == S the usual half; a decode step, T = 1, sees every key) and S²/2 when
+    T > S (the first T - S queries see nothing)."""
     if mode not in FLOP_FACTOR:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    forward = 4.0 * B * H * T * S * D
+    pairs = float(T * S)
     if causal:
-        forward /= 2
-    return forward * FLOP_FACTOR[mode]
+        pairs = T * S - T * T / 2 if S >= T else S * S / 2
+    return 4.0 * B * H * D * pairs * FLOP_FACTOR[mode]
 
 
 def _causal_keep(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -466,9 +469,11 @@ def run_heatmap(
     seed: int = 0,
     blocks: Sequence[int] = HEATMAP_BLOCKS,
     log: Callable[[str], None] | None = None,
+    dropout_p: float = 0.0,
 ) -> list[dict] | None:
     """TFLOP/s of our kernel for every (BLOCK_M, BLOCK_N); None when the kernel cannot force a config.
-    Tiles of 64 x 128 elements and up run 8 warps, smaller ones 4 (as the default tiles do); 2 stages."""
+    Tiles of 64 x 128 elements and up run 8 warps, smaller ones 4 (as the default tiles do); 2 stages.
+    With dropout, key blocks below 32 cannot run (the mask is drawn 32 keys at a time)."""
     forced = forced_config_fn()
     if forced is None:
         return None
@@ -482,7 +487,8 @@ def run_heatmap(
                 cell = {"mode": mode, "block_m": bm, "block_n": bn, "ms": None, "tflops": None, "note": ""}
                 try:
                     with forced(block_m=bm, block_n=bn, num_warps=8 if bm * bn >= 64 * 128 else 4):
-                        cell["ms"] = time_mode(lambda q, k, v: fa(q, k, v, causal=causal), q, k, v, mode)
+                        attend = lambda q, k, v: fa(q, k, v, causal=causal, dropout_p=dropout_p)
+                        cell["ms"] = time_mode(attend, q, k, v, mode)
                     cell["tflops"] = attention_flops(B, H, T, T, D, causal, mode) / (cell["ms"] * 1e-3) / 1e12
                 except Exception as e:  # a block pair the kernel cannot run
                     cell["note"] = _short(e)
@@ -697,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             log,
             baseline=args.baseline,
+            dropout_p=args.dropout,
         )
         print("\nsequence-length sweep\n" + format_table(sweep, args.baseline))
         stem = "sweep" if d_values == list(SWEEP_D) else "sweep_d" + "_".join(map(str, d_values))
@@ -704,7 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {', '.join(map(str, paths))}")
 
     if args.heatmap:
-        cells = run_heatmap(args.heatmap_shape, args.dtype, args.causal, seed=args.seed, log=log)
+        cells = run_heatmap(
+            args.heatmap_shape, args.dtype, args.causal, seed=args.seed, log=log, dropout_p=args.dropout
+        )
         if cells is None:
             print(
                 "\nheatmap unavailable: kernels.flash_attention has no forced_config(block_m=..., block_n=...)"

@@ -50,6 +50,10 @@ __all__ = ["flash_attention", "dropout_keep_mask", "forced_config", "MAX_HEAD_DI
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels add a (batch, head) slice's offset in int64 and the row and column offsets within it in int32
+# (64-bit address math throughout would cost every load): within a slice, offsets must stay below this.
+_INT32_OFFSETS = 2**31
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernels put the (batch, head) pairs
 
 
 def _interpreting() -> bool:
@@ -71,14 +75,20 @@ def _next_power_of_2(n: int) -> int:
 _empty_strided = torch.empty_strided
 
 
-def _alloc(shape, order, dtype, device) -> torch.Tensor:
-    """An empty dense tensor of ``shape`` whose dimensions lie in memory in ``order`` (outermost first): one
-    allocation, no view on top (each torch op costs host time, and small shapes are bound by it)."""
+def _dense_strides(shape, order) -> list[int]:
+    """The strides of a dense tensor of ``shape`` whose dimensions lie in memory in ``order`` (outermost
+    first)."""
     strides, step = [0] * len(shape), 1
     for d in reversed(order):
         strides[d] = step
         step *= shape[d]
-    return _empty_strided(shape, strides, dtype=dtype, device=device)
+    return strides
+
+
+def _alloc(shape, order, dtype, device) -> torch.Tensor:
+    """An empty dense tensor of ``shape``, dimensions in memory in ``order``: one allocation, no view on top
+    (each torch op costs host time, and small shapes are bound by it)."""
+    return _empty_strided(shape, _dense_strides(shape, order), dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -729,7 +739,7 @@ def _kernel_consts(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
     )
 
 
-_tuned: dict = {}  # (kernel, tuning key) -> the config the autotuner chose
+_tuned: dict = {}  # (kernel, tuning key) -> the config in use: the default tile, or the autotuner's pick
 # (kernel, tuning key, device, constexprs, tensor dtypes and alignment, scalars) -> _Compiled
 _compiled: dict = {}
 _COMPILED_LIMIT = 512  # decoding grows S by one per call: a bound on what the cache keeps
@@ -756,18 +766,24 @@ def _launch_hooks_set() -> bool:
 
 def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **kwargs) -> None:
     """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None) on ``tensors`` (its
-    first arguments) and ``scalars`` (the integers and floats after them). An autotuned kernel's first call
-    of a tuning key runs the autotuner. After that, every launch with arguments Triton would specialize the
+    first arguments) and ``scalars`` (the integers and floats after them). An autotuned kernel runs the
+    config its pruner picks for the tuning key (the default tile), or with MINIGPT_AUTOTUNE=1 the one the
+    autotuner finds at the key's first call. After that, every launch with arguments Triton would specialize the
     same way goes to the compiled kernel's C launcher directly, skipping the autotuner's and Triton's
     per-call argument binding: with ~50 arguments that Python costs tens of microseconds, as long as the
     char GPT's whole attention forward takes on the GPU."""
     config = None
     if isinstance(kernel, triton.runtime.Autotuner):
         config = _tuned.get((kernel, key))
-        if config is None:
+        if config is None and _autotuning():  # the autotuner times the configs the pruner keeps
             kernel[grid](*tensors, *scalars, **kwargs)
             _tuned[(kernel, key)] = kernel.best_config
             return
+        if config is None:  # the default tile, picked here: Triton 3.6's autotuner would time even one config
+            named_args = dict(zip(kernel.fn.arg_names, (*tensors, *scalars)))
+            configs = kernel.configs
+            config = configs[0] if len(configs) == 1 else kernel.early_config_prune(configs, named_args, **kwargs)[0]
+            _tuned[(kernel, key)] = config
     fn = kernel.fn if config else kernel
     if _interpreting():  # the interpreter compiles nothing: nothing to keep
         fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
@@ -805,6 +821,17 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
     _compiled[spec] = _Compiled(compiled, constexprs, meta)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def _on_device(t: torch.Tensor):
+    """Triton compiles for and launches on the current CUDA device: a context that makes ``t``'s device
+    current while the kernels launch, when it is not already."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE
+
+
 def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed):
     """(out, lse): out (B, H, T, D) stored as (B, T, H, D), so merging heads afterwards is a free view;
     lse (B, H, T) fp32, the natural-log log-sum-exp of each row's scaled scores."""
@@ -814,14 +841,26 @@ def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed
     lse = _alloc((B, H, T), (0, 1, 2), torch.float32, q.device)
     consts = _kernel_consts(q, causal, dropout_p)
     bucket = _seq_bucket(T, S)
-    _launch(
-        _attn_fwd, lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H),
-        (bucket, D, causal, dropout_p > 0.0, q.dtype),
-        (q, k, v, out, lse, seed if seed is not None else lse),  # without dropout Seed is never read
-        (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         H, H // H_kv, T, S, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket), **consts,
-    )
+    with _on_device(q):
+        _launch(
+            _attn_fwd, lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H),
+            (bucket, D, causal, dropout_p > 0.0, q.dtype),
+            (q, k, v, out, lse, seed if seed is not None else lse),  # without dropout Seed is never read
+            (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
+             H, H // H_kv, T, S, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket), **consts,
+        )
     return out, lse
+
+
+def _grad_order(strides) -> tuple:
+    """The memory order (outermost first) of the gradient of a (B, H, T, D) tensor with ``strides``: B, H
+    and T in the tensor's order (a stable sort: ties keep B, H, T order), D last."""
+    stride_b, stride_h, stride_t, _ = strides
+    if stride_b >= stride_h >= stride_t:  # the two common orders, without a sort
+        return (0, 1, 2, 3)
+    if stride_b >= stride_t > stride_h:
+        return (0, 2, 1, 3)
+    return (*sorted(range(3), key=strides.__getitem__, reverse=True), 3)
 
 
 def _grad_like(t: torch.Tensor) -> torch.Tensor:
@@ -830,15 +869,7 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
     to (B, H, T, D): their gradients laid out the same way let the projection's backward gather them with
     coalesced copies instead of a transpose (for GPT-2 small at 64 x 1024 tokens, 9.3 ms of a 139 ms step
     on an H100, bench/NOTES.md v8)."""
-    # outermost first (a stable sort: ties keep B, H, T order), D last; the two common orders without a sort
-    stride_b, stride_h, stride_t, _ = strides = t.stride()
-    if stride_b >= stride_h >= stride_t:
-        order = (0, 1, 2, 3)
-    elif stride_b >= stride_t > stride_h:
-        order = (0, 2, 1, 3)
-    else:
-        order = (*sorted(range(3), key=strides.__getitem__, reverse=True), 3)
-    return _alloc(t.shape, order, t.dtype, t.device)
+    return _alloc(t.shape, _grad_order(t.stride()), t.dtype, t.device)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, dropout_p: float, seed):
@@ -846,6 +877,9 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
     place with its own strides, never copied. The launches follow ``_bwd_plan``."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
+    if _span(T, D, grad_out.stride()) >= _INT32_OFFSETS:  # the inputs were checked in the forward
+        raise ValueError(f"flash_attention backward: grad_out's strides {grad_out.stride()} reach 2**31 "
+                         "elements within one (batch, head) slice (see _INT32_OFFSETS)")
     group = H // H_kv
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     consts = _kernel_consts(q, causal, dropout_p)
@@ -860,11 +894,12 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
         H, H_kv, group, T, S, sm_scale, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket,
     )
     key = (bucket, D, causal, dropout_p > 0.0, q.dtype)
-    for role in (ROLE_DQ.value, ROLE_DKDV.value) if plan == "split" else (ROLE_BOTH.value,):
-        _launch(
-            _attn_bwd, lambda meta, role=role: (_bwd_programs(role, T, S, group, meta["BLOCK_N"]), B * H_kv),
-            (*key, role), tensors, scalars, ROLE=role, **consts,
-        )
+    with _on_device(q):
+        for role in (ROLE_DQ.value, ROLE_DKDV.value) if plan == "split" else (ROLE_BOTH.value,):
+            _launch(
+                _attn_bwd, lambda meta, role=role: (_bwd_programs(role, T, S, group, meta["BLOCK_N"]), B * H_kv),
+                (*key, role), tensors, scalars, ROLE=role, **consts,
+            )
     return dq, dk, dv
 
 
@@ -902,6 +937,7 @@ class _FlashAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error if one is asked for
     def backward(ctx, grad_out):
         return _input_grads(ctx, grad_out, _backward_impl)
 
@@ -995,20 +1031,56 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
         raise ValueError(f"flash_attention: head dim D={D} is not supported; allowed: 1 to {MAX_HEAD_DIM}")
     if min(B, H, T, S, D) < 1:
         raise ValueError(f"flash_attention: empty inputs are not supported, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if B * H > _MAX_GRID_Y:
+        raise ValueError(f"flash_attention: B * H = {B * H} (batch x query heads) must be at most {_MAX_GRID_Y}, "
+                         "CUDA's limit on the grid axis that holds them; split the batch")
+    if (_span(T, D, q.stride()) >= _INT32_OFFSETS or _span(S, D, k.stride()) >= _INT32_OFFSETS
+            or _span(S, D, v.stride()) >= _INT32_OFFSETS or q.numel() >= _INT32_OFFSETS or k.numel() >= _INT32_OFFSETS):
+        _check_offsets(q, k, v)
     if not q.is_cuda:
         if device.type == "cpu" and not _interpreting():
             raise ValueError("flash_attention: q, k, v are CPU tensors; the kernels need a CUDA device "
                              "(or TRITON_INTERPRET=1 set before importing triton, for the slow interpreter)")
         if device.type != "cpu":
             raise ValueError(f"flash_attention: device {device} is not supported; allowed: cuda (cpu with TRITON_INTERPRET=1)")
+        if q.dtype == torch.bfloat16:
+            raise TypeError("flash_attention: bfloat16 on the CPU: Triton's interpreter computes bf16 wrongly; "
+                            "use float16 or float32 there")
     if not isinstance(causal, bool):
         raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p={dropout_p} is out of range; allowed: 0 <= dropout_p < 1")
     if dropout_p > 0.0 and T * _cdiv(S, 32) * 4 >= 2**31:
         raise ValueError(f"flash_attention: dropout needs T * S / 8 < 2**31 (Philox counters are int32), got T={T}, S={S}")
-    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive finite number or None")
+    if sm_scale is not None and not (math.isfinite(sm_scale) and 0 < sm_scale * LOG2E < _FLOAT32_MAX):
+        raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive number (in float32's range) or None")
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels take the scale as float32
+
+
+def _span(rows: int, D: int, strides) -> int:
+    """The largest element offset within one (batch, head) slice of a (B, H, rows, D) tensor."""
+    return (rows - 1) * strides[2] + (D - 1) * strides[3]
+
+
+def _check_offsets(q, k, v) -> None:
+    """Refuse shapes and layouts whose offsets within one (batch, head) slice reach 2**31 in any tensor the
+    kernels address: q, k, v, the output and the three gradients (see _INT32_OFFSETS)."""
+    layouts = (
+        ("q", q.shape, q.stride()), ("k", k.shape, k.stride()), ("v", v.shape, v.stride()),
+        ("the output", q.shape, _dense_strides(q.shape, (0, 2, 1, 3))),
+        ("the gradient of q", q.shape, _dense_strides(q.shape, _grad_order(q.stride()))),
+        ("the gradient of k", k.shape, _dense_strides(k.shape, _grad_order(k.stride()))),
+        ("the gradient of v", v.shape, _dense_strides(v.shape, _grad_order(v.stride()))),
+    )
+    for name, shape, strides in layouts:
+        span = _span(shape[2], shape[3], strides) + 1
+        if span > _INT32_OFFSETS:
+            raise ValueError(f"flash_attention: {name} spans {span} elements within one (batch, head) slice "
+                             f"(shape {tuple(shape)}, strides {tuple(strides)}); the kernels address at most "
+                             "2**31 there: fewer heads per call, a shorter sequence, or a layout with the heads "
+                             "outside the sequence")
 
 
 def flash_attention(
@@ -1032,7 +1104,10 @@ def flash_attention(
         dropout_p: attention dropout drawn in the kernel (pass 0.0 in eval). Each call draws a new seed
             from torch's default generator for the device, so ``torch.manual_seed`` makes it repeatable.
 
-    fp32 inputs use full-precision fp32 matrix products ("ieee"), never TF32. Results are deterministic: no atomics.
+    fp32 inputs use full-precision fp32 matrix products ("ieee"), never TF32. Results are deterministic:
+    no atomics. Limits: B * H <= 65535, and within one (batch, head) slice of q, k, v, the output and the
+    gradients, offsets below 2**31 elements (for the output, laid out (B, T, H, D): T * H * D < 2**31).
+    The backward is not differentiable (no double backward).
     Returns the (B, H, T, D) output, laid out in memory as (B, T, H, D).
     """
     _validate(q, k, v, causal, sm_scale, dropout_p)

@@ -27,6 +27,7 @@ which is equal and much smaller. No dropout.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -260,6 +261,8 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if min(*q.shape, *k.shape) < 1:
+        raise ValueError(f"empty inputs are not supported, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"q (B, H, T, D) and k, v (B, H_kv, S, D) need the same B and D and H % H_kv == 0; "
@@ -270,6 +273,10 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype}, "
             f"{q.device}/{k.device}/{v.device}"
         )
+    if q.shape[0] * q.shape[1] > 65535:  # a grid axis of every kernel holds the (batch, head) pairs
+        raise ValueError(f"B * H = {q.shape[0] * q.shape[1]} must be at most 65535 (CUDA's grid limit)")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"q, k, v are on {q.device}: the kernels need CUDA (or TRITON_INTERPRET=1)")
 
 
 class _UnfusedAttention(torch.autograd.Function):
@@ -284,6 +291,7 @@ class _UnfusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error if one is asked for
     def backward(ctx, dout):
         q, k, v, p, out = ctx.saved_tensors
         B, H, T, D = q.shape
@@ -313,6 +321,8 @@ def unfused_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale, causal mask) v through three kernels. q (B, H, T, D), k/v (B, H_kv, S, D)."""
     _validate(q, k, v)
+    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale={sm_scale} must be a positive finite number or None")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _UnfusedAttention.apply(q, k, v, bool(causal), scale)
 

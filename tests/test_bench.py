@@ -17,9 +17,15 @@ def test_flops_formula():
     B, H, T, S, D = 2, 3, 5, 7, 11
     full = 4 * B * H * T * S * D
     assert bench.attention_flops(B, H, T, S, D, causal=False, mode="fwd") == full
-    assert bench.attention_flops(B, H, T, S, D, causal=True, mode="fwd") == full / 2
-    assert bench.attention_flops(B, H, T, S, D, causal=True, mode="bwd") == 2.5 * full / 2
+    assert bench.attention_flops(B, H, T, T, D, causal=True, mode="fwd") == 4 * B * H * T * T * D / 2
+    assert bench.attention_flops(B, H, T, T, D, causal=True, mode="bwd") == 2.5 * 4 * B * H * T * T * D / 2
     assert bench.attention_flops(B, H, T, S, D, causal=False, mode="fwd_bwd") == 3.5 * full
+    # bottom-right causal mask: T < S sees the first S - T keys whole; T > S leaves T - S rows empty
+    per_pair = 4 * B * H * D
+    assert bench.attention_flops(B, H, T, S, D, causal=True, mode="fwd") == per_pair * (T * S - T * T / 2)
+    assert bench.attention_flops(B, H, S, T, D, causal=True, mode="fwd") == per_pair * T * T / 2
+    decode = bench.attention_flops(1, 1, 1, 4096, 64, causal=True, mode="fwd")
+    assert decode == pytest.approx(4 * 4096 * 64, rel=1e-3), "one query sees every key"
     # The anchor table: SDPA default at (16, 12, 1024, 64), causal forward in 0.086 ms is about 300 TFLOP/s.
     tflops = bench.attention_flops(16, 12, 1024, 1024, 64, True, "fwd") / 0.086e-3 / 1e12
     assert 290 < tflops < 310
@@ -188,6 +194,21 @@ def test_bench_end_to_end_on_gpu(tmp_path):
             assert by[provider, mode]["ms"] > 0 and by[provider, mode]["tflops"] > 0, (provider, mode)
     assert by["sdpa", "fwd"]["ratio"] == 1.0
     assert (tmp_path / "bench.csv").exists() and (tmp_path / "unfused_steps.json").exists()
+
+
+def test_dropout_reaches_every_part(monkeypatch, tmp_path):
+    """--dropout applies to the table, the sweep and the heatmap alike, as their metadata says."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "environment", lambda: {"gpu": "test", "torch": "-", "triton": "-"})
+    monkeypatch.setattr(bench, "run_benchmarks", lambda *a, dropout_p=0.0, **kw: seen.append(dropout_p) or [])
+    monkeypatch.setattr(bench, "run_heatmap", lambda *a, dropout_p=0.0, **kw: seen.append(dropout_p))
+    monkeypatch.setattr(bench, "write_results", lambda *a, **kw: [])
+    monkeypatch.setattr(bench, "plot_sweep", lambda *a, **kw: [])
+    monkeypatch.setattr(bench, "format_table", lambda *a, **kw: "")
+    argv = ["--dropout", "0.2", "--sweep", "--heatmap", "--providers", "ours", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert seen == [0.2, 0.2, 0.2]
 
 
 def test_heatmap_forces_each_block_pair(monkeypatch):

@@ -441,6 +441,18 @@ def _bad_inputs():
         ("not a tensor", (q.tolist(), k, k), {}, TypeError, "q must be a torch.Tensor"),
         ("empty", (r(1, 4, 0, 16), k, k), {}, ValueError, "empty inputs"),
         ("scale", (q, k, k), {"sm_scale": -1.0}, ValueError, "sm_scale=-1.0"),
+        ("scale beyond fp32", (q, k, k), {"sm_scale": 1e300}, ValueError, "sm_scale=1e.300"),
+        ("bf16 in the interpreter", (q.bfloat16(), k.bfloat16(), k.bfloat16()), {}, TypeError, "bfloat16 on"),
+        # CUDA's grid limit: the (batch, head) pairs lie on the grid's second axis
+        ("grid", (q[:1, :1].expand(4096, 16, 8, 16), k[:1, :1].expand(4096, 16, 8, 16),
+                  k[:1, :1].expand(4096, 16, 8, 16)), {}, ValueError, "B \\* H = 65536"),
+        # row offsets within a (batch, head) slice are int32 in the kernels: meta tensors, no memory
+        ("offsets of an input", (torch.empty_strided((1, 2, 3, 16), (96, 48, 2**30, 1), device="meta"),
+                                 k.to("meta"), k.to("meta")), {}, ValueError, "q spans 2147483664 elements"),
+        ("offsets of the output", (torch.empty((1, 128, 2**17 + 1, 128), device="meta"),
+                                   torch.empty((1, 8, 16, 128), device="meta"),
+                                   torch.empty((1, 8, 16, 128), device="meta")),
+         {}, ValueError, "the output spans 2147483776 elements"),
     ]
 
 
@@ -453,6 +465,48 @@ def test_bad_inputs_raise_before_launch(monkeypatch, name, args, kwargs, exc, ma
     monkeypatch.setattr(fa, "_attn_fwd", NoLaunch())
     with pytest.raises(exc, match=match):
         flash_attention(*args, **kwargs)
+
+
+def test_backward_refuses_grad_out_offsets_beyond_int32():
+    q = torch.empty((1, 1, 3, 16), device="meta")
+    grad_out = torch.empty_strided((1, 1, 3, 16), (48, 48, 2**30, 1), device="meta")
+    with pytest.raises(ValueError, match="grad_out's strides"):
+        fa._backward_impl(grad_out, q, q, q, q, q[..., 0], True, 0.25, 0.0, None)
+
+
+def test_double_backward_raises():
+    """The backward is not differentiable: asking for a gradient of the gradient fails loudly (a silent
+    zero would corrupt a gradient penalty)."""
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    (dq,) = torch.autograd.grad(flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
+
+
+def test_default_config_launches_without_the_autotuner(monkeypatch):
+    """Without MINIGPT_AUTOTUNE=1 a key's first call takes the pruner's pick and launches it directly (the
+    autotuner of Triton 3.6 would time even a single config), and the pick is kept for the key."""
+    picks = []
+
+    def prune(configs, named_args, **kwargs):
+        picks.append((named_args["N"], kwargs["SCALE"]))
+        return [configs[1]]
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["N"],
+                     prune_configs_by={"early_config_prune": prune})
+    @triton.jit
+    def fill(X, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(X + offs, offs * SCALE + BLOCK, mask=offs < N)
+
+    monkeypatch.delenv("MINIGPT_AUTOTUNE", raising=False)
+    monkeypatch.setattr(triton.runtime.Autotuner, "run", lambda *a, **k: pytest.fail("the autotuner ran"))
+    monkeypatch.setattr(fa, "_tuned", {})
+    x = torch.zeros(40)
+    for _ in range(2):
+        fa._launch(fill, lambda meta: (1,), ("key",), (x,), (40,), SCALE=2)
+    assert picks == [(40, 2)], "pruned once, then remembered"
+    assert torch.equal(x[:32], torch.arange(32) * 2.0 + 32) and x[32:].eq(0).all(), "BLOCK 32 ran"
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
@@ -535,6 +589,23 @@ def test_gpu_cpu_case_subset_fp16():
         for case in CPU_CASES:
             B, H, H_kv, T, S, D, causal, _, layout = case
             check_case(B, H, H_kv, T, S, D, causal, torch.float16, layout, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_inputs_away_from_the_current_device():
+    """Triton launches on the current device: inputs on another GPU are computed there all the same, and
+    give what they give with their device current."""
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    results = []
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            out = flash_attention(q, k, v)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), do)))
+    assert all(t.device == q.device for t in results[0])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.gpu

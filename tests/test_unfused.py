@@ -138,6 +138,20 @@ def test_unfused_attention_rejects_bad_inputs():
         unfused_attention(q[0], q, q)
     with pytest.raises(TypeError, match="float16"):
         unfused_attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match="empty inputs"):
+        unfused_attention(q, q[:, :0], q[:, :0])
+    with pytest.raises(ValueError, match="sm_scale=nan"):
+        unfused_attention(q, q, q, sm_scale=float("nan"))
+    with pytest.raises(ValueError, match="65535"):
+        big = q[:1, :1].expand(4096, 16, 8, 16)
+        unfused_attention(big, big, big)
+
+
+def test_unfused_double_backward_raises():
+    q = _randn(1, 2, 8, 16, dtype=torch.float32, seed=0).requires_grad_()
+    (dq,) = torch.autograd.grad(unfused_attention(q, q, q).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
