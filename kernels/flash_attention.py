@@ -1034,8 +1034,11 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
     if B * H > _MAX_GRID_Y:
         raise ValueError(f"flash_attention: B * H = {B * H} (batch x query heads) must be at most {_MAX_GRID_Y}, "
                          "CUDA's limit on the grid axis that holds them; split the batch")
-    if (_span(T, D, q.stride()) >= _INT32_OFFSETS or _span(S, D, k.stride()) >= _INT32_OFFSETS
-            or _span(S, D, v.stride()) >= _INT32_OFFSETS or q.numel() >= _INT32_OFFSETS or k.numel() >= _INT32_OFFSETS):
+    # Bounds on the inputs' spans and on those of what is allocated (their sizes); the exact check runs only
+    # when one of them is large. The bitwise or of non-negative ints reaches 2**31 when one of them does.
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if ((T * sq[2] + D * sq[3]) | (S * sk[2] + D * sk[3]) | (S * sv[2] + D * sv[3]) | (B * H * T * D)
+            | (B * H_kv * S * D)) >= _INT32_OFFSETS:
         _check_offsets(q, k, v)
     if not q.is_cuda:
         if device.type == "cpu" and not _interpreting():
