@@ -199,7 +199,7 @@ class TrainCLI(LightningCLI):
                 os.environ.setdefault("WANDB_SILENT", "true")
                 wandb_logger = WandbLogger(
                     project="minigpt", name=cfg.run_name, save_dir=str(self.run_dir), group=cfg.group,
-                    id=self._wandb_run_id() if self.ckpt_path else None, mode=self.wandb_mode,
+                    id=self._wandb_run_id() if self.resumes_own_run else None, mode=self.wandb_mode,
                 )
                 wandb_logger._wandb_init.pop("anonymous", None)  # deprecated in wandb: it warns if passed
                 loggers.append(wandb_logger)
@@ -252,6 +252,20 @@ class RunCheckpoint(ModelCheckpoint):
                 "best_k_models": {here(p): v for p, v in state_dict.get("best_k_models", {}).items()},
             }
         super().load_state_dict(state_dict)
+
+    @property
+    def state_key(self) -> str:
+        # The key of this callback's state in a checkpoint: ModelCheckpoint's, so that checkpoints written by
+        # a plain ModelCheckpoint (and by this class) restore into either.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6 writes last.ckpt only at validations that also write a best checkpoint: a run killed
+        # after a validation that did not improve would resume from an older step.
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning writes last.ckpt at the end only if it never wrote one: the steps after the last

@@ -297,8 +297,10 @@ class GPTModule(L.LightningModule):
         checkpoint["lr_decay_steps"] = self.decay_steps()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._run_decay_steps = checkpoint.get("lr_decay_steps")
-        max_steps = self._trainer.max_steps if self._trainer is not None else None
+        self._run_decay_steps = checkpoint.get("lr_decay_steps")  # absent in older checkpoints: max_steps
+        if self._trainer is None:  # loaded outside training (load_from_checkpoint): no schedule to tell of
+            return
+        max_steps = self._trainer.max_steps
         if self._run_decay_steps and not self.hparams.lr_decay_steps and max_steps != self._run_decay_steps:
             rank_zero_info(
                 f"trainer.max_steps={max_steps}: the learning rate keeps the run's schedule, which decays "

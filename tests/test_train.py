@@ -195,6 +195,52 @@ def test_last_checkpoint_at_the_end_and_after_the_run_folder_moves(workdir, tmp_
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 30
 
 
+def test_a_killed_run_resumes_from_its_last_validation(workdir, monkeypatch):
+    """last.ckpt is written at every validation, also when val/loss did not improve (Lightning 2.6 writes it
+    only next to a new best), so a run killed at step 25 resumes from step 20, not from its best, step 10."""
+    from minigpt.module import GPTModule
+
+    training_step = GPTModule.training_step
+
+    def validation_step(self, batch, batch_idx):  # val/loss rises: the first validation stays the best
+        self.log("val/loss", float(self.global_step), on_step=False, on_epoch=True)
+
+    def killed_at_25(self, batch, batch_idx):
+        if self.global_step == 25:
+            raise RuntimeError("killed")
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GPTModule, "validation_step", validation_step)
+    monkeypatch.setattr(GPTModule, "training_step", killed_at_25)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(tiny_args(workdir, "--run_name", "killed", "--wandb_mode", "disabled"))
+    checkpoints = workdir / "runs" / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step=10.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 20
+
+
+def test_checkpoint_state_keeps_lightnings_key():
+    """RunCheckpoint's state sits in a checkpoint under ModelCheckpoint's key: checkpoints of either restore
+    their best-checkpoint bookkeeping into the other."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from minigpt.cli import RunCheckpoint
+
+    plain = ModelCheckpoint(dirpath="c", filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1,
+                            save_last=True)  # fmt: skip
+    assert RunCheckpoint("c").state_key == plain.state_key
+
+
+def test_a_replaced_run_gets_a_new_wandb_run(workdir):
+    runs = workdir / "runs"
+    for name in ("w1", "w2"):
+        main(tiny_args(workdir, "--run_name", name, "--trainer.max_steps", "3"))
+    main(tiny_args(workdir, "--run_name", "w1", "--trainer.max_steps", "6", "--overwrite", "true",
+                   "--ckpt_path", str(runs / "w2" / "checkpoints" / "last.ckpt")))  # fmt: skip
+    ids = {log.stem for log in (runs / "w1" / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(ids) == 2, f"the replacing run logs into a wandb run of its own: {ids}"
+
+
 def test_accumulated_step_logs_the_mean_of_its_micro_batches(workdir, monkeypatch):
     from minigpt.module import GPTModule
 
