@@ -768,10 +768,10 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
     """Launch ``kernel`` (autotuned, or a plain ``@triton.jit`` function with key None) on ``tensors`` (its
     first arguments) and ``scalars`` (the integers and floats after them). An autotuned kernel runs the
     config its pruner picks for the tuning key (the default tile), or with MINIGPT_AUTOTUNE=1 the one the
-    autotuner finds at the key's first call. After that, every launch with arguments Triton would specialize the
-    same way goes to the compiled kernel's C launcher directly, skipping the autotuner's and Triton's
-    per-call argument binding: with ~50 arguments that Python costs tens of microseconds, as long as the
-    char GPT's whole attention forward takes on the GPU."""
+    autotuner finds at the key's first call. After the first launch, every launch with arguments Triton
+    would specialize the same way goes to the compiled kernel's C launcher directly, skipping the
+    autotuner's and Triton's per-call argument binding: with ~50 arguments that Python costs tens of
+    microseconds, as long as the char GPT's whole attention forward takes on the GPU."""
     config = None
     if isinstance(kernel, triton.runtime.Autotuner):
         config = _tuned.get((kernel, key))
@@ -780,10 +780,11 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
             _tuned[(kernel, key)] = kernel.best_config
             return
         if config is None:  # the default tile, picked here: Triton 3.6's autotuner would time even one config
-            named_args = dict(zip(kernel.fn.arg_names, (*tensors, *scalars)))
             configs = kernel.configs
-            config = configs[0] if len(configs) == 1 else kernel.early_config_prune(configs, named_args, **kwargs)[0]
-            _tuned[(kernel, key)] = config
+            if len(configs) > 1:
+                named_args = dict(zip(kernel.fn.arg_names, (*tensors, *scalars)))
+                configs = kernel.early_config_prune(configs, named_args, **kwargs)
+            config = _tuned[(kernel, key)] = configs[0]
     fn = kernel.fn if config else kernel
     if _interpreting():  # the interpreter compiles nothing: nothing to keep
         fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
