@@ -39,6 +39,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -88,7 +89,10 @@ def _dense_strides(shape, order) -> list[int]:
 def _alloc(shape, order, dtype, device) -> torch.Tensor:
     """An empty dense tensor of ``shape``, dimensions in memory in ``order``: one allocation, no view on top
     (each torch op costs host time, and small shapes are bound by it)."""
-    return _empty_strided(shape, _dense_strides(shape, order), dtype=dtype, device=device)
+    t = _empty_strided(shape, _dense_strides(shape, order), dtype=dtype, device=device)
+    if _recordings:
+        _record_alloc(t)
+    return t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -778,6 +782,8 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
         if config is None and _autotuning():  # the autotuner times the configs the pruner keeps
             kernel[grid](*tensors, *scalars, **kwargs)
             _tuned[(kernel, key)] = kernel.best_config
+            if _recordings:  # launched by the autotuner: nothing to plan from this call
+                _record(None, (), tensors, scalars)
             return
         if config is None:  # the default tile, picked here: Triton 3.6's autotuner would time even one config
             configs = kernel.configs
@@ -788,6 +794,8 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
     fn = kernel.fn if config else kernel
     if _interpreting():  # the interpreter compiles nothing: nothing to keep
         fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
+        if _recordings:
+            _record(None, (), tensors, scalars)
         return
     # The key is at least as fine as what Triton specializes a compiled kernel on: each tensor's dtype and
     # 16-byte alignment, each integer's exact value (Triton looks at == 1, % 16 and the int32 range), and
@@ -803,23 +811,62 @@ def _launch(kernel, grid, key: tuple | None, tensors: tuple, scalars: tuple, **k
     spec = (kernel, key, device, tuple(kwargs.values()), layout, scalars)
     hit = _compiled.get(spec)
     if hit is not None and not _launch_hooks_set():
-        grid_x, grid_y, grid_z = (*grid(hit.meta), 1, 1)[:3]
-        hit.run(grid_x, grid_y, grid_z, triton.runtime.driver.active.get_current_stream(device), hit.function,
+        grid_xyz = (*grid(hit.meta), 1, 1)[:3]
+        hit.run(*grid_xyz, triton.runtime.driver.active.get_current_stream(device), hit.function,
                 hit.packed_metadata, None, None, None, *pointers, *scalars, *hit.constexprs)
-        return
-    if hit is not None:  # a profiler's launch hooks are set: Triton's launch path calls them
-        hit.kernel[(*grid(hit.meta), 1, 1)[:3]](*tensors, *scalars, *hit.constexprs)
-        return
-    # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel.
-    compiled = fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
-    if compiled is None:
-        return
-    meta = {**kwargs, **(config.kwargs if config else {})}
-    n_args = len(tensors) + len(scalars)
-    constexprs = tuple(meta[name] for name in fn.arg_names[n_args:])  # in signature order
-    if len(_compiled) >= _COMPILED_LIMIT:
-        _compiled.clear()
-    _compiled[spec] = _Compiled(compiled, constexprs, meta)
+    elif hit is not None:  # a profiler's launch hooks are set: Triton's launch path calls them
+        grid_xyz = (*grid(hit.meta), 1, 1)[:3]
+        hit.kernel[grid_xyz](*tensors, *scalars, *hit.constexprs)
+    else:  # Triton's own path: bind, specialize, find or compile, launch; then remember the compiled kernel
+        compiled = fn[grid](*tensors, *scalars, **kwargs, **(config.all_kwargs() if config else {}))
+        if compiled is None:  # launched without handing back a compiled kernel: nothing to keep or plan
+            if _recordings:
+                _record(None, (), tensors, scalars)
+            return
+        meta = {**kwargs, **(config.kwargs if config else {})}
+        n_args = len(tensors) + len(scalars)
+        constexprs = tuple(meta[name] for name in fn.arg_names[n_args:])  # in signature order
+        if len(_compiled) >= _COMPILED_LIMIT:
+            _compiled.clear()
+        hit = _compiled[spec] = _Compiled(compiled, constexprs, meta)
+        grid_xyz = (*grid(meta), 1, 1)[:3]
+    if _recordings:
+        _record(hit, grid_xyz, tensors, scalars)
+
+
+class _Recording:
+    """What one call did on the Python path, for the C++ host path (kernels/host_path.py) to plan from: its
+    launches, as (compiled kernel or None, grid, tensors, scalars), and the tensors it allocated."""
+
+    def __init__(self):
+        self.launches: list[tuple] = []
+        self.allocated: list[torch.Tensor] = []
+
+
+_recordings: dict[int, _Recording] = {}  # by thread
+
+
+def _record(compiled: _Compiled | None, grid: tuple, tensors: tuple, scalars: tuple) -> None:
+    recording = _recordings.get(threading.get_ident())
+    if recording is not None:
+        recording.launches.append((compiled, grid, tensors, scalars))
+
+
+def _record_alloc(t: torch.Tensor) -> None:
+    recording = _recordings.get(threading.get_ident())
+    if recording is not None:
+        recording.allocated.append(t)
+
+
+@contextlib.contextmanager
+def _recording():
+    """Record what this thread launches and allocates inside."""
+    thread = threading.get_ident()
+    _recordings[thread] = recording = _Recording()
+    try:
+        yield recording
+    finally:
+        del _recordings[thread]
 
 
 _SAME_DEVICE = contextlib.nullcontext()
@@ -932,23 +979,26 @@ class _FlashAttentionFunction(torch.autograd.Function):
     log-sum-exp is saved, not returned): an autograd node with one output costs the engine less."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed):
-        out, lse = _forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
+    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, forward_impl):
+        # forward_impl: _forward_impl, or the C++ host path's planner around it (kernels/host_path.py)
+        out, lse = forward_impl(q, k, v, causal, sm_scale, dropout_p, seed)
         _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        args = (grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
         if torch.is_grad_enabled():  # create_graph=True: the gradients get a node that refuses a backward
-            return _once_differentiable_grads(ctx, grad_out)
-        return _input_grads(ctx, grad_out, _backward_impl)  # (once_differentiable costs ~8 us per call)
+            return *_backward_once(ctx, *args), None, None, None, None, None
+        return *_backward_impl(*args), None, None, None, None, None  # (once_differentiable costs ~8 us)
 
 
 @torch.autograd.function.once_differentiable
-def _once_differentiable_grads(ctx, grad_out):
+def _backward_once(_ctx, *args):
     """The gradients, marked as not differentiable: asking for their own gradient raises (a silent zero would
     corrupt a gradient penalty)."""
-    return _input_grads(ctx, grad_out, _backward_impl)
+    return _backward_impl(*args)
 
 
 # The custom ops: what torch.compile sees. Opaque to the compiler, described by their fake (shape-only)
@@ -1000,14 +1050,20 @@ def forced_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: in
             kern.configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
                                           num_stages=num_stages)]
             kern.cache = {}
-        _tuned.clear()
-        _compiled.clear()
+        _forget_compiled()
         yield
     finally:
         for kern, (configs, cache) in zip(kernels, saved):
             kern.configs, kern.cache = configs, cache
-        _tuned.clear()
-        _compiled.clear()
+        _forget_compiled()
+
+
+def _forget_compiled() -> None:
+    """Forget the picked tiles, the compiled kernels kept for direct launches and the C++ host path's plans."""
+    _tuned.clear()
+    _compiled.clear()
+    if _host_path is not None:
+        _host_path.clear_plans()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1122,9 +1178,35 @@ def flash_attention(
     The backward is not differentiable (no double backward).
     Returns the (B, H, T, D) output, laid out in memory as (B, T, H, D).
     """
+    if not torch.compiler.is_compiling():  # (first: torch.compile would guard on the global below)
+        host_forward = _host_forward
+        if host_forward is not None:
+            out = host_forward(q, k, v, causal, sm_scale, dropout_p)  # None: no plan for this call
+            if out is not None:
+                return out
     _validate(q, k, v, causal, sm_scale, dropout_p)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     seed = _make_seed(q.device) if dropout_p > 0.0 else None
     if torch.compiler.is_compiling():  # traced: the custom op, one node in the graph
         return _forward_op(q, k, v, causal, scale, float(dropout_p), seed)[0]
-    return _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed)  # eager
+    forward_impl = _forward_impl
+    if q.is_cuda and _host_path_enabled:  # plan this call for the C++ host path, once it is built
+        forward_impl = _host_planner(q, k, v, causal, sm_scale, dropout_p) or _forward_impl
+    return _FlashAttentionFunction.apply(q, k, v, causal, scale, float(dropout_p), seed, forward_impl)  # eager
+
+
+# The C++ host path (kernels/host_path.py): its module once a CUDA call has started its build, and its
+# forward once built. MINIGPT_CPP_HOST=0 keeps every call on the Python path.
+_host_path = None
+_host_forward = None
+_host_path_enabled = os.environ.get("MINIGPT_CPP_HOST", "1") != "0"
+
+
+def _host_planner(q, k, v, causal, sm_scale, dropout_p):
+    global _host_path
+    if _host_path is None:
+        import kernels.host_path as host_path  # here: the kernels' module stays importable without it
+
+        _host_path = host_path
+        host_path.start()
+    return _host_path.forward_planner(q, k, v, causal, sm_scale, dropout_p)
