@@ -53,7 +53,9 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("fwd", "bwd", "fwd_bwd")
-PROVIDERS = ("ours", "ours-python", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "naive", "unfused")
+PROVIDERS = (
+    "ours", "ours-python", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "naive", "unfused",
+)
 BASELINE = "sdpa"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (B, H, T, D): the char GPT, GPT-2 small, two long-context shapes, one very long sequence.
@@ -69,7 +71,7 @@ SWEEP_TOKENS = 16384
 SWEEP_HIDDEN = 2048
 SWEEP_T = (256, 512, 1024, 2048, 4096, 8192, 16384)
 SWEEP_D = (64, 128)
-SWEEP_PROVIDERS = ("ours", "ours-python", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex")
+SWEEP_PROVIDERS = ("ours", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex")
 HEATMAP_SHAPE = (4, 16, 4096, 128)
 HEATMAP_BLOCKS = (16, 32, 64, 128)
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}

@@ -23,9 +23,10 @@ The parts, in the order a call uses them:
    (which store delta) then dK/dV programs, each with its own tile; short ones at D <= 64 launch both
    kinds in one grid, where the dK/dV programs compute delta themselves: one launch, for shapes where
    the host's launch cost rivals the GPU work.
-5. The launchers, and two doors to them: a plain ``torch.autograd.Function`` for eager calls (the
-   cheapest host path) and the ``torch.library`` custom ops that ``torch.compile(fullgraph=True)``
-   traces as single graph nodes. ``flash_attention`` validates its inputs and picks the door.
+5. The launchers, and two doors to them: a plain ``torch.autograd.Function`` for eager calls and the
+   ``torch.library`` custom ops that ``torch.compile(fullgraph=True)`` traces as single graph nodes.
+   ``flash_attention`` validates its inputs and picks the door. On a GPU, eager calls whose signature
+   has been seen are replayed from C++ instead, with no Python (``kernels/host_path.py``).
 
 Conventions. q is (B, H, T, D), k and v are (B, H_kv, S, D), any strides. The causal mask is aligned
 bottom-right: query i sees key j when ``j <= i + S - T`` (for T == S the usual lower triangle; for
@@ -965,8 +966,8 @@ def _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse
 
 
 def _input_grads(ctx, grad_out, backward) -> tuple:
-    """(dq, dk, dv, None x 4) through `backward` (the launcher, or the custom op that wraps it). lse only
-    serves the backward pass: it is not differentiated through."""
+    """(dq, dk, dv, None x 4) through `backward` (the custom op's backward). lse only serves the backward
+    pass: it is not differentiated through."""
     q, k, v, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None, None

@@ -17,8 +17,9 @@ layouts of the saved tensors, which saved-tensor hooks may change). Whatever has
 takes the Python path, as before: it stays the reference and the fallback.
 
 Life cycle. The first flash_attention call on a CUDA tensor starts building the extension in a background
-thread (torch.utils.cpp_extension and the machine's C++ compiler: about 30 s once, then cached under
-TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); calls take the Python path until it is ready.
+thread (torch.utils.cpp_extension and the machine's C++ compiler: half a minute or so, once; then cached
+under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); calls take the Python path until it is
+ready.
 If the build fails, a warning says why and everything stays on the Python path; so do ROCm builds of
 torch. ``MINIGPT_CPP_HOST=0`` keeps every call on the Python path. ``wait()`` blocks until the build is
 done (benchmarks and the GPU tests call it).
