@@ -237,23 +237,22 @@ def _add_plan(backward: bool, key: bytes, recording, slots: list, allocated: tup
     one tensor in two slots) leaves the key to the Python path."""
     own = [t for t in slots if t is not None]
     entries = None
-    if len({id(t) for t in own}) == len(own):  # one tensor in two slots (q is k): positions are ambiguous
-        named, slots = len(slots), list(slots)
-        fresh = {id(t) for t in recording.allocated}
-        entries = [_launch_entry(launch, slots, fresh) for launch in recording.launches]
-    if not entries or None in entries:
-        _remember(_unplannable, key)
-        return
-    allocs = [(i, list(slots[i].shape), list(slots[i].stride()), slots[i].dtype)
-              for i in (*allocated, *range(named, len(slots)))]
-    for compiled, *_ in recording.launches:
-        _planned_kernels[id(compiled.kernel)] = compiled.kernel
-    try:
-        _ext.add_plan(backward, key, len(slots), allocs, entries)
-    except Exception as e:  # a plan the C++ side refuses: this key stays on the Python path
+    try:  # the call itself is done: whatever goes wrong here only leaves the key to the Python path
+        if len({id(t) for t in own}) == len(own):  # one tensor in two slots (q is k): ambiguous positions
+            named, slots = len(slots), list(slots)
+            fresh = {id(t) for t in recording.allocated}
+            entries = [_launch_entry(launch, slots, fresh) for launch in recording.launches]
+        if entries and None not in entries:
+            allocs = [(i, list(slots[i].shape), list(slots[i].stride()), slots[i].dtype)
+                      for i in (*allocated, *range(named, len(slots)))]
+            for compiled, *_ in recording.launches:
+                _planned_kernels[id(compiled.kernel)] = compiled.kernel
+            _ext.add_plan(backward, key, len(slots), allocs, entries)
+            return
+    except Exception as e:
         warnings.warn(f"flash_attention: a call could not be planned for the C++ host path ({e})",
                       stacklevel=1)
-        _remember(_unplannable, key)
+    _remember(_unplannable, key)
 
 
 def _launch_entry(launch: tuple, slots: list, fresh: set) -> tuple | None:

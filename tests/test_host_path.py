@@ -2,6 +2,7 @@
 and on the GPU bit for bit against the Python path, forward and backward."""
 
 import importlib
+import itertools
 import math
 import os
 import struct
@@ -99,6 +100,20 @@ def test_add_plan_refuses_one_tensor_in_two_slots(monkeypatch):
     x, out, lse = torch.empty(1), torch.empty(1), torch.empty(1)
     launch = (fake_compiled({"Q": "*fp32"}), (1, 1, 1), (x,), ())
     host_path._add_plan(False, b"k", recording([launch]), [x, x, x, None, out, lse], allocated=(4, 5))
+    assert host_path._unplannable == {b"k"}
+
+
+def test_a_plan_that_fails_to_build_leaves_the_call_alone(monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("too many kernel parameters")
+
+    monkeypatch.setattr(host_path, "_ext", types.SimpleNamespace(add_plan=refuse))
+    monkeypatch.setattr(host_path, "_unplannable", set())
+    monkeypatch.setattr(host_path, "_planned_kernels", {})
+    q, k, v, out, lse = (torch.empty(1) for _ in range(5))
+    launch = (fake_compiled({"Q": "*fp32"}), (1, 1, 1), (q,), ())
+    with pytest.warns(UserWarning, match="could not be planned"):
+        host_path._add_plan(False, b"k", recording([launch]), [q, k, v, None, out, lse], allocated=(4, 5))
     assert host_path._unplannable == {b"k"}
 
 
@@ -243,6 +258,29 @@ def test_gpu_cpp_path_keys_what_the_kernels_specialize_on(cpp):
     for _ in range(2):
         _, got = outputs_and_grads(flash_attention, q, k, v, do_t)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.gpu
+def test_gpu_cpp_path_from_several_threads(cpp):
+    q, k, v = make_qkv(4, 8, 8, 512, 512, 64, torch.bfloat16, "contiguous", device="cuda")
+    do = torch.randn(4, 8, 512, 64, device="cuda", dtype=torch.bfloat16)
+    _, want = outputs_and_grads(python_path, q, k, v, do)
+    planned(q, k, v, do)
+    results = [[] for _ in range(4)]
+
+    def work(i):
+        for _ in range(5):
+            results[i].append(outputs_and_grads(flash_attention, q, k, v, do)[1])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(r) == 5 for r in results)
+    for got in itertools.chain(*results):
+        assert_same(got, want)
+    assert host_path.num_plans() == (1, 1)
 
 
 @pytest.mark.gpu
