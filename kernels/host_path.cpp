@@ -5,7 +5,7 @@
 // more than that: the GPU waits for the host. This file removes the Python from calls whose signature
 // (shapes, strides, dtypes, device, alignment, causal, scale, dropout) has been seen before.
 //
-// kernels/host_path.py turns the first call with a signature into a *plan*: for each kernel launch the
+// kernels/host_path.py turns the second call with a signature into a *plan*: for each kernel launch the
 // Python path made, the compiled CUfunction, its grid and block, and its parameters as 8-byte words with
 // the tensors' addresses left open, plus the layouts of the tensors the call allocated. A plan lives in a
 // table under its signature's key. Later calls with the key allocate those tensors, fill in the
