@@ -16,13 +16,17 @@ The parts, in the order a call uses them:
    of the diagonal are never loaded. The row log-sum-exp is saved for the backward pass.
 2. A dK/dV program holds one key block (its K and V stay on chip) and walks the query blocks of every
    query head that shares this kv head (grouped-query and multi-query attention with no copies of K
-   and V, and no atomics: results are deterministic).
+   and V).
 3. A dQ program holds one query block and walks the key blocks like the forward. It computes
    ``delta = rowsum(dO * O)``, the term every softmax gradient row needs, from its own tiles.
-4. ``_attn_bwd``: one kernel for both kinds of program. Long sequences launch it twice, dQ programs
-   (which store delta) then dK/dV programs, each with its own tile; short ones at D <= 64 launch both
-   kinds in one grid, where the dK/dV programs compute delta themselves: one launch, for shapes where
-   the host's launch cost rivals the GPU work.
+4. ``_attn_bwd``: one kernel for both kinds of program, launched by one of three plans. Short sequences
+   at D <= 64 launch both kinds in one grid, where the dK/dV programs compute delta themselves: one
+   launch, for shapes where the host's launch cost rivals the GPU work. Elsewhere dQ programs (which
+   store delta) run first, then dK/dV programs, each with its own tile. Long sequences at D = 128, where
+   the matrix products decide, drop the dQ programs: dK/dV programs add their share of dQ to an fp32
+   buffer with atomic adds (FlashAttention-2's own scheme), five products per step instead of seven; the
+   buffer's sums land in any order, so ``torch.use_deterministic_algorithms(True)`` keeps the two-launch
+   plan.
 5. The launchers, and two doors to them: a plain ``torch.autograd.Function`` for eager calls and the
    ``torch.library`` custom ops that ``torch.compile(fullgraph=True)`` traces as single graph nodes.
    ``flash_attention`` validates its inputs and picks the door. On a GPU, eager calls whose signature
@@ -277,17 +281,19 @@ def _fwd_tile(bucket: int, block_d: int) -> tuple:
 
 
 # The roles of a backward launch (section 4): constexpr, so the kernel can read them as globals.
-ROLE_DKDV, ROLE_DQ, ROLE_BOTH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+ROLE_DKDV, ROLE_DQ = tl.constexpr(0), tl.constexpr(1)
+ROLE_BOTH, ROLE_FUSED = tl.constexpr(2), tl.constexpr(3)
 
 
 def _bwd_tile(role: int, bucket: int, block_d: int) -> tuple:
     """(BLOCK_M rows streamed, BLOCK_N rows held, warps, stages) of a backward launch in ``role``. At D = 128
     a dK/dV program holds two fp32 (BLOCK_N x 128) accumulators, which only long sequences repay at
-    BLOCK_N = 128; a dQ program holds one, and takes 128 rows from T = 1024 on (D = 128) or 2048 (D <= 64)."""
+    BLOCK_N = 128; a dQ program holds one, and takes 128 rows from T = 1024 on (D = 128) or 2048 (D <= 64).
+    A fused program (dK/dV adding to dQ) holds 128 keys from T = 2048: half the atomic traffic of 64."""
     if block_d > 64:
         if role == ROLE_DQ.value and bucket >= 1024:
             return (64, 128, 8, 3)
-        if bucket >= 4096:
+        if bucket >= 4096 or (role == ROLE_FUSED.value and bucket >= 2048):
             return (64, 128, 8, 3)
         return (64, 64, 4, 2)
     if role == ROLE_DQ.value and bucket >= 2048:
@@ -296,12 +302,20 @@ def _bwd_tile(role: int, bucket: int, block_d: int) -> tuple:
 
 
 def _bwd_plan(bucket: int, block_d: int) -> str:
-    """How a backward is launched (bench/NOTES.md v9 has the sweep behind it): "one", a single ROLE_BOTH
-    launch, for short sequences at D <= 64 (the char GPT), where the host's cost per launch rivals the GPU
-    work; "split", ROLE_DQ then ROLE_DKDV, elsewhere: delta computed once per row instead of once per dK/dV
-    step, each kind with its own tile; faster than one grid at D = 64 from T = 512, level with it at D = 128
-    up to T = 2048."""
-    return "one" if block_d <= 64 and bucket <= 256 else "split"
+    """How a backward is launched (bench/NOTES.md v9 and v12 have the sweeps behind it):
+
+    - "one", a single ROLE_BOTH launch, for short sequences at D <= 64 (the char GPT), where the host's cost
+      per launch rivals the GPU work;
+    - "fused", prepare, ROLE_FUSED, dQ out: five matrix products per step instead of seven, for the long
+      sequences at D > 64 where the products decide (4-9% faster than "split" from T = 2048 on an H100);
+      its dQ sums in whatever order the atomics land, so with ``torch.use_deterministic_algorithms(True)``
+      "split" serves instead;
+    - "split", ROLE_DQ then ROLE_DKDV, elsewhere: delta computed once per row instead of once per dK/dV
+      step, each kind with its own tile; faster than one grid at D = 64 from T = 512, level with it at
+      D = 128 up to T = 2048."""
+    if block_d <= 64:
+        return "one" if bucket <= 256 else "split"
+    return "fused" if bucket >= 2048 and not torch.are_deterministic_algorithms_enabled() else "split"
 
 
 def _configs(gpu_list, interpret_tile):
@@ -433,14 +447,15 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, Q_base, O_base, DO_base, Lse_base, Delta_base,
-    stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod,
+    dk, dv, k, v, Q_base, O_base, DO_base, Lse_base, Delta_base, DQ_acc,
+    stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod, stride_dqt,
     start_n, offs_n, offs_d, lo, hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p, inv_keep,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, DELTA_INLINE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ADD_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dK, dV of this key block over query blocks [lo, hi). Tiles are transposed
-    (keys x queries) so P^T and dS^T come out directly in the shape the dK, dV products need."""
+    (keys x queries) so P^T and dS^T come out directly in the shape the dK, dV products need. ADD_DQ:
+    also add this key block's share of dQ, dS K, to the fp32 accumulator ``DQ_acc`` (section 4)."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         # Query rows past T load q = dO = 0 and lse = +inf, so their P^T column is exactly 0.
@@ -468,24 +483,30 @@ def _attn_bwd_dkdv_inner(
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         else:
             delta = tl.load(Delta_base + offs_m, mask=offs_m < T, other=0.0)
-        dsT = pT * (dpT - delta[None, :])  # softmax backward
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # dK += dS^T Q (scaled later)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)  # softmax backward
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)  # dK += dS^T Q (scaled later)
+        if ADD_DQ:  # every key block adds to these rows: atomically, in any order
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)  # dQ += dS K (scaled later)
+            tl.atomic_add(DQ_acc + offs_m[:, None] * stride_dqt + offs_d[None, :], dq,
+                          mask=offs_m[:, None] < T, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_program(
-    Q, K, V, O, DO, Lse, Delta, DK, DV, Seed,
+    Q, K, V, O, DO, Lse, Delta, DQ, DK, DV, Seed,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     key_block, off_b, off_hkv, H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DELTA_INLINE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DELTA_INLINE: tl.constexpr, ADD_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of key block ``key_block`` of kv head ``off_hkv``: BLOCK_N keys held, BLOCK_M queries streamed.
     delta is read from ``Delta``, or computed per step from the O and dO tiles when DELTA_INLINE."""
@@ -522,16 +543,17 @@ def _attn_bwd_dkdv_program(
         seed_bh = 0
         if HAS_DROPOUT:
             seed_bh = _philox_key(Seed, off_bh)
+        DQ_acc = DQ + off_b * stride_dqb + off_h * stride_dqh  # read under ADD_DQ only
         dk, dv = _attn_bwd_dkdv_inner(  # on the band: masked
-            dk, dv, k, v, Q_base, O_base, DO_base, Lse + off_bh * T, Delta + off_bh * T,
-            stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod,
+            dk, dv, k, v, Q_base, O_base, DO_base, Lse + off_bh * T, Delta + off_bh * T, DQ_acc,
+            stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod, stride_dqt,
             start_n, offs_n, offs_d, band_lo, band_hi, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
-            inv_keep, True, EVEN_D, HAS_DROPOUT, DELTA_INLINE, DOT_PRECISION, BLOCK_M, BLOCK_N)
+            inv_keep, True, EVEN_D, HAS_DROPOUT, DELTA_INLINE, ADD_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dk, dv = _attn_bwd_dkdv_inner(  # off-band: every row sees the whole key block
-            dk, dv, k, v, Q_base, O_base, DO_base, Lse + off_bh * T, Delta + off_bh * T,
-            stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod,
+            dk, dv, k, v, Q_base, O_base, DO_base, Lse + off_bh * T, Delta + off_bh * T, DQ_acc,
+            stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod, stride_dqt,
             start_n, offs_n, offs_d, band_hi, T, T, S, HEAD_DIM, diag, qk_scale, seed_bh, dropout_p,
-            inv_keep, False, EVEN_D, HAS_DROPOUT, DELTA_INLINE, DOT_PRECISION, BLOCK_M, BLOCK_N)
+            inv_keep, False, EVEN_D, HAS_DROPOUT, DELTA_INLINE, ADD_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Scores were sm_scale * q.k, so dK picks up sm_scale once here.
     mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
@@ -639,6 +661,7 @@ def _attn_bwd_dq_program(
     # the roles' index math shows in the CPU tests.
     configs=_configs(_BWD_CONFIGS, (32, 64)),
     key=[*_AUTOTUNE_KEY, "ROLE"],
+    reset_to_zero=["DQ"],  # ROLE_FUSED adds into DQ: each timed run (and the run after them) starts from 0
     prune_configs_by={"early_config_prune": _make_pruner(
         lambda bm, bn, bd, st: 2 * bn * bd + 2 * st * bm * bd,
         lambda args: _bwd_tile(args["ROLE"], args["SEQ_BUCKET"], args["BLOCK_D"]))},
@@ -665,7 +688,13 @@ def _attn_bwd(
     ROLE_DQ then ROLE_DKDV: two launches, each compiled without the other's code and with its own tile;
     the dQ launch stores delta, the dK/dV launch reads it. ROLE_BOTH: one launch, the dK/dV programs first
     along axis 0 and the dQ programs after them; its dK/dV programs compute delta themselves, one more
-    O tile per step, since nothing orders them after the dQ programs."""
+    O tile per step, since nothing orders them after the dQ programs.
+
+    ROLE_FUSED: dK/dV programs only, each adding its key block's share of dQ, dS K, to an fp32 accumulator
+    (``DQ`` then points to it) with atomic adds, after ``_attn_bwd_prepare`` stored delta and zeroed the
+    accumulator; ``_attn_bwd_dq_out`` scales and converts it. Five matrix products per step where the
+    other roles together make seven (both kinds recompute Q K^T and dO V^T), for the price of an fp32
+    read-modify-write of (BLOCK_M x D) per step in L2, and of a dQ whose sums depend on arrival order."""
     pid, off_bhkv = _program_order()
     off_b = (off_bhkv // H_KV).to(tl.int64)
     off_hkv = (off_bhkv % H_KV).to(tl.int64)
@@ -674,16 +703,17 @@ def _attn_bwd(
         holds_keys = pid < n_key_blocks
     else:  # a single role: decided at compile time, the other branch is not compiled
         n_key_blocks = 0
-        holds_keys = ROLE == ROLE_DKDV
+        holds_keys = ROLE != ROLE_DQ
     if holds_keys:
         _attn_bwd_dkdv_program(
-            Q, K, V, O, DO, Lse, Delta, DK, DV, Seed,
+            Q, K, V, O, DO, Lse, Delta, DQ, DK, DV, Seed,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-            stride_dob, stride_doh, stride_dot, stride_dod, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb, stride_dqh, stride_dqt,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
             pid, off_b, off_hkv, H, GROUP, T, S, sm_scale, qk_scale, dropout_p, inv_keep,
-            HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_BOTH, DOT_PRECISION, BLOCK_M, BLOCK_N)
+            HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_BOTH, ROLE == ROLE_FUSED,
+            DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
         # query blocks of the GROUP heads that share this kv head, block by block across those heads
         j = pid - n_key_blocks
@@ -698,6 +728,57 @@ def _attn_bwd(
             query_block, off_b, off_hkv * GROUP + j % GROUP, off_hkv, H, T, S, sm_scale, qk_scale,
             dropout_p, inv_keep,
             HEAD_DIM, BLOCK_D, IS_CAUSAL, HAS_DROPOUT, ROLE == ROLE_DQ, DOT_PRECISION, BLOCK_N, BLOCK_M)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4b. The fused plan's two helpers: delta and a zeroed dQ accumulator before, dQ out of it after
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_prepare(
+    O, DO, Delta, DQ_acc,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_ab, stride_ah, stride_at,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (query blocks, batch * heads): delta = rowsum(dO * O) of BLOCK_M rows, and their rows of the
+    fp32 dQ accumulator set to zero."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot
+                   + offs_d[None, :] * stride_od, offs_m, T, offs_d, HEAD_DIM, True, HEAD_DIM != BLOCK_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :] * stride_dod, offs_m, T, offs_d, HEAD_DIM, True, HEAD_DIM != BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    tl.store(DQ_acc + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_at + offs_d[None, :],
+             tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=offs_m[:, None] < T)
+
+
+@triton.jit
+def _attn_bwd_dq_out(
+    DQ_acc, DQ,
+    stride_ab, stride_ah, stride_at,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (query blocks, batch * heads): dQ = sm_scale * accumulator, in dQ's dtype and strides."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m[:, None] < T
+    acc = tl.load(DQ_acc + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_at
+                  + offs_d[None, :], mask=rows, other=0.0)
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt
+             + offs_d[None, :] * stride_dqd, (acc * sm_scale).to(DQ.dtype.element_ty),
+             mask=rows & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -932,31 +1013,49 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
     group = H // H_kv
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     consts = _kernel_consts(q, causal, dropout_p)
+    block_d = consts["BLOCK_D"]
     bucket = _seq_bucket(T, S)
-    plan = _bwd_plan(bucket, consts["BLOCK_D"])
-    # delta: written by the dQ launch, read by the dK/dV launch; "one" stores none (lse is passed, unread)
-    delta = _alloc((B, H, T), (0, 1, 2), torch.float32, q.device) if plan == "split" else lse
-    tensors = (q, k, v, out, grad_out, lse, delta, dq, dk, dv, seed if seed is not None else lse)
+    plan = _bwd_plan(bucket, block_d)
+    if plan == "fused" and T * block_d >= _INT32_OFFSETS:  # the fp32 buffer's rows are padded to BLOCK_D
+        plan = "split"
+    # delta: written by the dQ launch (split) or the prepare launch (fused), read by the dK/dV launch;
+    # "one" stores none (lse is passed, unread)
+    delta = _alloc((B, H, T), (0, 1, 2), torch.float32, q.device) if plan != "one" else lse
+    # what the backward kernel writes dQ into: dq, or under "fused" an fp32 accumulator of padded rows
+    dq_acc = _alloc((B, H, T, block_d), (0, 1, 2, 3), torch.float32, q.device) if plan == "fused" else dq
+    tensors = (q, k, v, out, grad_out, lse, delta, dq_acc, dk, dv, seed if seed is not None else lse)
     scalars = (
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq_acc.stride(),
         *dk.stride(), *dv.stride(),
         H, H_kv, group, T, S, sm_scale, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket,
     )
     key = (bucket, D, causal, dropout_p > 0.0, q.dtype)
+    helper = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_HELPER_ROWS)
+    helper_grid = lambda meta: (_cdiv(T, _HELPER_ROWS), B * H)
     with _on_device(q):
-        for role in (ROLE_DQ.value, ROLE_DKDV.value) if plan == "split" else (ROLE_BOTH.value,):
+        if plan == "fused":
+            _launch(_attn_bwd_prepare, helper_grid, None, (out, grad_out, delta, dq_acc),
+                    (*out.stride(), *grad_out.stride(), *dq_acc.stride()[:3], H, T), **helper)
+        for role in _PLAN_ROLES[plan]:
             _launch(
                 _attn_bwd, lambda meta, role=role: (_bwd_programs(role, T, S, group, meta["BLOCK_N"]), B * H_kv),
                 (*key, role), tensors, scalars, ROLE=role, **consts,
             )
+        if plan == "fused":
+            _launch(_attn_bwd_dq_out, helper_grid, None, (dq_acc, dq),
+                    (*dq_acc.stride()[:3], *dq.stride(), H, T, sm_scale), **helper)
     return dq, dk, dv
 
 
+_PLAN_ROLES = {"one": (ROLE_BOTH.value,), "split": (ROLE_DQ.value, ROLE_DKDV.value), "fused": (ROLE_FUSED.value,)}
+_HELPER_ROWS = 64  # rows per program of the fused plan's prepare and dQ-out launches
+
+
 def _bwd_programs(role: int, T: int, S: int, group: int, block_n: int) -> int:
-    """Programs along axis 0 of a backward launch: key blocks, query blocks of every head in the group, or
-    both."""
+    """Programs along axis 0 of a backward launch: key blocks (ROLE_DKDV, ROLE_FUSED), query blocks of every
+    head in the group (ROLE_DQ), or both (ROLE_BOTH)."""
     key_blocks = _cdiv(S, block_n) if role != ROLE_DQ.value else 0
-    query_blocks = group * _cdiv(T, block_n) if role != ROLE_DKDV.value else 0
+    query_blocks = group * _cdiv(T, block_n) if role in (ROLE_DQ.value, ROLE_BOTH.value) else 0
     return key_blocks + query_blocks
 
 

@@ -232,7 +232,8 @@ bool forward_call(py::handle q, py::handle k, py::handle v, py::handle causal, p
   return true;
 }
 
-// The backward's key: the forward's, and the layouts of what the backward reads. Saved-tensor hooks (e.g.
+// The backward's key: the forward's, the layouts of what the backward reads, and whether deterministic
+// algorithms are asked for (they change the launches: _bwd_plan). Saved-tensor hooks (e.g.
 // torch.autograd.graph.save_on_cpu) may hand back q, k, v, out or lse with other strides than they had.
 std::string backward_key(const std::string& forward_key, const variable_list& saved,
                          const at::Tensor& grad_out) {
@@ -242,6 +243,7 @@ std::string backward_key(const std::string& forward_key, const variable_list& sa
     if (t.defined()) put(key, t);
   }
   put(key, grad_out);
+  put(key, at::globalContext().deterministicAlgorithms());
   return key;
 }
 

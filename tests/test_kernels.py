@@ -176,7 +176,7 @@ def test_matches_float64_reference(B, H, H_kv, T, S, D, causal, dtype, layout):
     check_case(B, H, H_kv, T, S, D, causal, dtype, layout)
 
 
-PLANS = ("one", "split")  # the ways _backward_impl launches the backward
+PLANS = ("one", "split", "fused")  # the ways _backward_impl launches the backward
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -620,6 +620,23 @@ def test_gpu_deterministic():
 
 
 @pytest.mark.gpu
+def test_gpu_deterministic_algorithms_keep_dq_exact():
+    """At D = 128 from T = 2048 dQ is summed with atomic adds, in arrival order; under
+    torch.use_deterministic_algorithms the backward takes the two-launch plan and repeats bit for bit."""
+    q, k, v = make_qkv(2, 8, 8, 4096, 4096, 128, torch.bfloat16, "fused", device="cuda")
+    do = torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    fused = run_kernel(q, k, v, do, True, 0.1)
+    with deterministic_algorithms():
+        first = run_kernel(q, k, v, do, True, 0.1)
+        for _ in range(5):
+            again = run_kernel(q, k, v, do, True, 0.1)
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # the fused plan's dQ: the same sums in another order (dK and dV are computed alike in both plans)
+    assert torch.equal(first[3], fused[3]) and torch.equal(first[4], fused[4])
+    assert (first[2].float() - fused[2].float()).abs().max() <= 2**-7 * first[2].float().abs().max()
+
+
+@pytest.mark.gpu
 def test_gpu_dropout_replays_mask():
     B, H, H_kv, T, S, D, p = 2, 8, 2, 512, 512, 64, 0.2
     q, k, v = make_qkv(B, H, H_kv, T, S, D, torch.float16, "fused", device="cuda")
@@ -771,6 +788,26 @@ def test_launch_hooks_set_reads_each_triton_form(monkeypatch):
         assert fa._launch_hooks_set() is expected
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True):
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+def test_backward_plan_by_head_dim_length_and_determinism():
+    """The atomic dQ of the fused plan serves D > 64 from T = 2048, unless deterministic algorithms are
+    asked for."""
+    assert fa._bwd_plan(256, 64) == "one" and fa._bwd_plan(512, 64) == "split"
+    assert fa._bwd_plan(16384, 64) == "split" and fa._bwd_plan(1024, 128) == "split"
+    assert fa._bwd_plan(2048, 128) == "fused" and fa._bwd_plan(16384, 128) == "fused"
+    with deterministic_algorithms():
+        assert fa._bwd_plan(2048, 128) == "split" and fa._bwd_plan(16384, 128) == "split"
+
+
 def test_every_config_suits_dropout():
     """The dropout mask is drawn 32 keys at a time: every key block must be a multiple of 32. In the
     backward both blocks are keys in one role (held by dK/dV programs, streamed by dQ programs)."""
@@ -781,7 +818,7 @@ def test_every_config_suits_dropout():
 def test_every_default_tile_is_a_listed_config():
     """The pruner picks the default tile out of the config list; a default missing from it would fall back
     to another tile without a word."""
-    roles = (fa.ROLE_DKDV.value, fa.ROLE_DQ.value, fa.ROLE_BOTH.value)
+    roles = (fa.ROLE_DKDV.value, fa.ROLE_DQ.value, fa.ROLE_BOTH.value, fa.ROLE_FUSED.value)
     for bucket in (2**i for i in range(4, 16)):
         for block_d in (16, 32, 64, 128):
             assert fa._fwd_tile(bucket, block_d) in fa._FWD_CONFIGS, ("fwd", bucket, block_d)
