@@ -1,6 +1,6 @@
 """Per-kernel tile sweep: every (BLOCK_M, BLOCK_N, warps, stages) of the forward kernel and of each role of
-the backward kernel (dK/dV, dQ, both in one grid), each launch timed alone, at the sequence-length sweep's
-shapes (B*T = 16384 tokens, H*D = 2048, bf16, causal).
+the backward kernel (dK/dV, dQ, both in one grid, dK/dV adding dQ atomically), each launch timed alone,
+at the sequence-length sweep's shapes (B*T = 16384 tokens, H*D = 2048, bf16, causal).
 
     python bench/tile_sweep.py OUT_DIR [--dims 64,128] [--seqs 256,512,...] [--kinds fwd,dkdv,...]
 
@@ -35,8 +35,10 @@ from kernels import bench
 fa = importlib.import_module("kernels.flash_attention")
 LOG2E = 1.4426950408889634
 # The backward kernel's roles: dQ programs (they store delta) then dK/dV programs (they read it), the
-# "split" plan; both kinds in one grid, the "one" plan.
-ROLES = {"dkdv": fa.ROLE_DKDV.value, "dq": fa.ROLE_DQ.value, "both": fa.ROLE_BOTH.value}
+# "split" plan; both kinds in one grid, the "one" plan; dK/dV programs adding dQ atomically, the "fused"
+# plan (timed without its two helper launches, which do not depend on the tile).
+ROLES = {"dkdv": fa.ROLE_DKDV.value, "dq": fa.ROLE_DQ.value, "both": fa.ROLE_BOTH.value,
+         "fused": fa.ROLE_FUSED.value}
 KINDS = ("fwd", *ROLES)
 
 
@@ -90,10 +92,12 @@ def launcher(kind: str, tile: tuple, x: dict):
             H, 1, T, T, *scalars, **meta)), ("out",), (out,)
     role = ROLES[kind]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if kind == "fused":  # dQ goes to a zeroed fp32 buffer (repeated launches keep adding: unchecked)
+        dq = torch.zeros((B, H, T, meta["BLOCK_D"]), dtype=torch.float32, device="cuda")
     grid = (fa._bwd_programs(role, T, T, 1, bn), B * H)
     if kind == "dq":  # it stores the delta it computes (checked too): not into the buffer dK/dV reads
         delta = torch.empty_like(delta)
-    names = {"dkdv": ("dk", "dv"), "dq": ("dq", "delta")}.get(kind, ("dq", "dk", "dv"))
+    names = {"dkdv": ("dk", "dv"), "fused": ("dk", "dv"), "dq": ("dq", "delta")}.get(kind, ("dq", "dk", "dv"))
     return (lambda: fa._attn_bwd.fn[grid](
         q, k, v, out, do, lse, delta, dq, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), H, H, 1, T, T, scale, *scalars,

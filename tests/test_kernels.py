@@ -637,8 +637,10 @@ def test_gpu_deterministic_algorithms_keep_dq_exact():
 
 
 @pytest.mark.gpu
-def test_gpu_dropout_replays_mask():
-    B, H, H_kv, T, S, D, p = 2, 8, 2, 512, 512, 64, 0.2
+@pytest.mark.parametrize("B,H,H_kv,T,S,D", [(2, 8, 2, 512, 512, 64), (1, 4, 2, 2048, 2048, 128)],
+                         ids=["split", "fused"])  # the backward plan each shape takes
+def test_gpu_dropout_replays_mask(B, H, H_kv, T, S, D):
+    p = 0.2
     q, k, v = make_qkv(B, H, H_kv, T, S, D, torch.float16, "fused", device="cuda")
     do = torch.randn(B, H, T, D, device="cuda", dtype=torch.float16)
     seed = fa._make_seed(torch.device("cuda"))
