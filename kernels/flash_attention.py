@@ -1030,10 +1030,12 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
         H, H_kv, group, T, S, sm_scale, sm_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), bucket,
     )
     key = (bucket, D, causal, dropout_p > 0.0, q.dtype)
-    helper = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_HELPER_ROWS)
-    helper_grid = lambda meta: (_cdiv(T, _HELPER_ROWS), B * H)
+    fused = plan == "fused"
+    if fused:  # the two helper launches: (query blocks, batch * heads), _HELPER_ROWS rows each
+        helper = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_HELPER_ROWS)
+        helper_grid = lambda meta: (_cdiv(T, _HELPER_ROWS), B * H)
     with _on_device(q):
-        if plan == "fused":
+        if fused:
             _launch(_attn_bwd_prepare, helper_grid, None, (out, grad_out, delta, dq_acc),
                     (*out.stride(), *grad_out.stride(), *dq_acc.stride()[:3], H, T), **helper)
         for role in _PLAN_ROLES[plan]:
@@ -1041,7 +1043,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
                 _attn_bwd, lambda meta, role=role: (_bwd_programs(role, T, S, group, meta["BLOCK_N"]), B * H_kv),
                 (*key, role), tensors, scalars, ROLE=role, **consts,
             )
-        if plan == "fused":
+        if fused:
             _launch(_attn_bwd_dq_out, helper_grid, None, (dq_acc, dq),
                     (*dq_acc.stride()[:3], *dq.stride(), H, T, sm_scale), **helper)
     return dq, dk, dv

@@ -226,8 +226,8 @@ def test_gpu_cpp_path_matches_python_path_bit_for_bit(cpp, B, H, H_kv, T, S, D, 
 
 
 def check_cpp_path_against_python_path(B, H, H_kv, T, S, D, dtype, layout, kwargs):
-    atomic_dq = fa._bwd_plan(fa._seq_bucket(T, S), max(16, fa._next_power_of_2(D))) == "fused"
     q, k, v = make_qkv(B, H, H_kv, T, S, D, dtype, layout, device="cuda")
+    atomic_dq = fa._bwd_plan(fa._seq_bucket(T, S), fa._kernel_consts(q, True, 0.0)["BLOCK_D"]) == "fused"
     do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
     torch.manual_seed(7)
     seed = fa._make_seed(q.device) if kwargs.get("dropout_p") else None
