@@ -1,22 +1,21 @@
-"""Per-kernel tile sweep: every (BLOCK_M, BLOCK_N, warps, stages) of the forward kernel and of each role of
-the backward kernel (dK/dV, dQ, both in one grid, dK/dV adding dQ atomically), each launch timed alone,
-at the sequence-length sweep's shapes (B*T = 16384 tokens, H*D = 2048, bf16, causal).
+"""Per-kernel tile sweep: every (BLOCK_M, BLOCK_N, warps, stages) of each kernel of
+kernels/flash_attention.py (the forward, the dQ kernel, the dK/dV kernel, and the dK/dV kernel adding dQ
+atomically), each launch timed alone, at the sequence-length sweep's shapes (B*T = 16384 tokens,
+H*D = 2048, bf16, causal).
 
-    python bench/tile_sweep.py OUT_DIR [--dims 64,128] [--seqs 256,512,...] [--kinds fwd,dkdv,...]
+    python bench/tile_sweep.py OUT_DIR [--dims 64,128] [--seqs 256,512,...] [--kinds fwd,dq,...]
 
-The default tiles and backward plans of kernels/flash_attention.py (``_fwd_tile``, ``_bwd_tile``,
-``_bwd_plan``) are read off its output. Compiling over a hundred tiles per head dim one after another
-takes minutes, so worker processes compile them first (they fill Triton's on-disk cache; the timing
-process then loads them). Writes OUT_DIR/tiles.jsonl: one line per (D, T) with ours / sdpa / flex forward
-and backward in ms, then one line per (D, T, kind, tile) with its median ms and its largest difference
-from the reference (the first forward tile's output; the default backward's gradients), relative to the
-reference's largest value: a wrong tile shows. Prints the fastest correct tile against the default per
-kind.
+The table of kernels/tiles.py is read off its output. A tile is (BLOCK_M queries, BLOCK_N keys, warps,
+stages) in every kernel. Compiling over a hundred tiles per head dim one after another takes minutes, so
+worker processes compile them first (they fill Triton's on-disk cache; the timing process then loads
+them). Writes OUT_DIR/tiles.jsonl: one line per (D, T) with ours / sdpa / flex forward and backward
+(GPU ms under CUDA graphs), then one line per (D, T, kind, tile) with its median ms and its largest
+difference from the reference (the table tile's result), relative to the reference's largest value: a
+wrong tile shows. Prints the fastest correct tile against the table's per kind.
 GPU only; run from the repository root with PYTHONPATH=.
 """
 
 import argparse
-import importlib
 import itertools
 import json
 import math
@@ -29,40 +28,28 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kernels import bench
+import kernels.flash_attention as fa
+from kernels import bench, tiles
 
-# the module (the package re-exports its function under the same name)
-fa = importlib.import_module("kernels.flash_attention")
-LOG2E = 1.4426950408889634
-# The backward kernel's roles: dQ programs (they store delta) then dK/dV programs (they read it), the
-# "split" plan; both kinds in one grid, the "one" plan; dK/dV programs adding dQ atomically, the "fused"
-# plan (timed without its two helper launches, which do not depend on the tile).
-ROLES = {"dkdv": fa.ROLE_DKDV.value, "dq": fa.ROLE_DQ.value, "both": fa.ROLE_BOTH.value,
-         "fused": fa.ROLE_FUSED.value}
-KINDS = ("fwd", *ROLES)
+KINDS = tiles.KERNELS  # fwd, dq, dkdv, dkdv_atomic
 
 
-def default_tile(kind: str, bucket: int, D: int) -> tuple:
-    return fa._fwd_tile(bucket, D) if kind == "fwd" else fa._bwd_tile(ROLES[kind], bucket, D)
-
-
-def tiles(kind: str, D: int, chosen: list[tuple] | None = None) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, warps, stages) to try for one kernel role and head dim: ``chosen`` if given."""
+def tiles_to_try(kind: str, D: int, chosen: list[tuple] | None = None) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages) to try for one kernel and head dim: ``chosen`` if given."""
     if chosen:
         return chosen
     stages = (2, 3, 4) if D <= 64 else (2, 3)
-    if kind == "fwd":  # (BLOCK_M queries, BLOCK_N keys)
-        blocks = [(bm, bn) for bm, bn in itertools.product((64, 128), (32, 64, 128)) if bm * bn <= 128 * 128]
-    else:  # (BLOCK_M rows streamed, BLOCK_N rows held)
-        blocks = [(bm, bn) for bm, bn in itertools.product((16, 32, 64, 128), (32, 64, 128))
-                  if bm * bn <= 128 * 64 and not (bm == 16 and bn < 64)]
-        stages = (1, *stages) if kind == "dkdv" else stages
+    if kind == "fwd":
+        blocks = list(itertools.product((64, 128), (32, 64, 128)))
+    else:  # two fp32 accumulators (dK, dV) or a wide one (dQ): up to 128 x 64 blocks
+        pairs = itertools.product((16, 32, 64, 128), (32, 64, 128))
+        blocks = [(bm, bn) for bm, bn in pairs if bm * bn <= 128 * 64]
     return [(bm, bn, w, s) for (bm, bn), w, s in itertools.product(blocks, (4, 8), stages)]
 
 
 def inputs(T: int, D: int) -> dict:
-    """q, k, v, dO, the forward's out and lse, the backward's delta and its gradients from the default
-    launches (the reference for every backward tile), at the sweep's shape for T, D."""
+    """q, k, v, dO, the forward's out and lse, delta and the gradients of the table's tiles (the reference
+    for every tile), at the sweep's shape for T, D."""
     ((B, H, T, D),) = bench.sweep_shapes([D], [T])
     q, k, v = (t.detach() for t in bench.make_inputs(B, H, T, D, torch.bfloat16, seed=T * 1000 + D))
     do = torch.randn_like(q)
@@ -71,7 +58,7 @@ def inputs(T: int, D: int) -> dict:
     delta = (out.float() * do.float()).sum(-1).contiguous()
     dq, dk, dv = fa._backward_impl(do, q, k, v, out, lse, True, scale, 0.0, None)
     return dict(B=B, H=H, T=T, D=D, q=q, k=k, v=v, do=do, out=out, lse=lse, delta=delta, scale=scale,
-                grads=dict(dq=dq, dk=dk, dv=dv, delta=delta))
+                ref=dict(out=out, dq=dq.float(), dk=dk, dv=dv, delta=delta))
 
 
 def launcher(kind: str, tile: tuple, x: dict):
@@ -81,31 +68,27 @@ def launcher(kind: str, tile: tuple, x: dict):
     q, k, v, do, out, lse, delta = x["q"], x["k"], x["v"], x["do"], x["out"], x["lse"], x["delta"]
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=True, HAS_DROPOUT=False,
                 DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    bucket = fa._seq_bucket(T, T)
-    scalars = (scale * LOG2E, 0.0, 1.0, bucket)  # log2-scaled score scale, dropout p, 1 / keep, bucket
+    scalars = (H, 1, T, T, scale, scale * fa.LOG2E, 0.0, 1.0)  # H, GROUP, T, S, scales, dropout p, 1 / keep
     if kind == "fwd":
-        out = torch.empty((B, T, H, D), dtype=q.dtype, device="cuda").transpose(1, 2)
-        lse_out = torch.empty_like(lse)
-        grid = (triton.cdiv(T, bm), B * H)
-        return (lambda: fa._attn_fwd.fn[grid](
-            q, k, v, out, lse_out, lse_out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, 1, T, T, *scalars, **meta)), ("out",), (out,)
-    role = ROLES[kind]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if kind == "fused":  # dQ goes to a zeroed fp32 buffer (repeated launches keep adding: unchecked)
-        dq = torch.zeros((B, H, T, meta["BLOCK_D"]), dtype=torch.float32, device="cuda")
-    grid = (fa._bwd_programs(role, T, T, 1, bn), B * H)
+        o, lse_out = torch.empty_like(out), torch.empty_like(lse)
+        return (lambda: fa._attn_fwd[(triton.cdiv(T, bm), B * H)](
+            q, k, v, o, lse_out, lse_out, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            *scalars[:4], scalars[5], 0.0, 1.0, **meta)), ("out",), (o,)
     if kind == "dq":  # it stores the delta it computes (checked too): not into the buffer dK/dV reads
-        delta = torch.empty_like(delta)
-    names = {"dkdv": ("dk", "dv"), "fused": ("dk", "dv"), "dq": ("dq", "delta")}.get(kind, ("dq", "dk", "dv"))
-    return (lambda: fa._attn_bwd.fn[grid](
-        q, k, v, out, do, lse, delta, dq, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), H, H, 1, T, T, scale, *scalars,
-        ROLE=role, **meta)), names, tuple(dict(dq=dq, dk=dk, dv=dv, delta=delta)[n] for n in names)
+        dq, delta_out = torch.empty_like(q), torch.empty_like(delta)
+        return (lambda: fa._attn_bwd_dq[(triton.cdiv(T, bm), B * H)](
+            q, k, v, out, do, lse, delta_out, dq, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *do.stride(), *dq.stride(), *scalars, **meta)), ("dq", "delta"), (dq, delta_out)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device="cuda")  # repeated atomic launches keep adding
+    return (lambda: fa._attn_bwd_dkdv[(triton.cdiv(T, bn), B * H)](
+        q, k, v, do, lse, delta, dq, dk, dv, lse, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(), *scalars, ATOMIC_DQ=kind == "dkdv_atomic", **meta)), \
+        ("dk", "dv"), (dk, dv)
 
 
 def jobs(dims: list[int], kinds: list[str], chosen: list[tuple] | None) -> list[tuple]:
-    return [(kind, D, tile) for D in dims for kind in kinds for tile in tiles(kind, D, chosen)]
+    return [(kind, D, tile) for D in dims for kind in kinds for tile in tiles_to_try(kind, D, chosen)]
 
 
 def compile_share(dims: list[int], kinds: list[str], chosen: list[tuple] | None, worker: int,
@@ -125,7 +108,7 @@ def compile_share(dims: list[int], kinds: list[str], chosen: list[tuple] | None,
 def time_tiles(kind: str, x: dict, log, chosen: list[tuple] | None = None) -> tuple | None:
     """Time every tile of one kernel at one shape; returns (best tile, its ms)."""
     reference, best = None, None
-    for tile in tiles(kind, x["D"], chosen):
+    for tile in tiles_to_try(kind, x["D"], chosen):
         if tile[0] > x["T"] or tile[1] > x["T"]:
             continue
         record = dict(D=x["D"], T=x["T"], kind=kind, tile=tile)
@@ -135,8 +118,8 @@ def time_tiles(kind: str, x: dict, log, chosen: list[tuple] | None = None) -> tu
                 t.fill_(float("nan"))  # an element a tile fails to write stays NaN
             fn()
             got = [t.float() for t in written]
-            if reference is None:  # what the default launches computed
-                reference = [x["out"].float()] if kind == "fwd" else [x["grads"][n].float() for n in names]
+            if reference is None:  # what the table's tiles computed
+                reference = [x["ref"][n].float() for n in names]
             diffs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, reference)]
             record["rel_diff"] = max(diffs)
             record["ms"] = do_bench(fn, warmup=25, rep=60, return_mode="median")
@@ -191,13 +174,13 @@ def main(argv=None) -> None:
                         continue
                     q, k, v = (x[n].detach().clone().requires_grad_() for n in "qkv")
                     with context():
-                        peers[name] = {m: bench.time_mode(fn, q, k, v, m) for m in ("fwd", "bwd")}
+                        peers[name] = {m: bench.time_mode(fn, q, k, v, m)[0] for m in ("fwd", "bwd")}
                 log(dict(D=D, T=T, peers=peers))
                 print(f"D={D} T={T} " + json.dumps(peers), flush=True)
                 for kind in kinds:
                     best = time_tiles(kind, x, log, chosen)
-                    default = default_tile(kind, fa._seq_bucket(T, T), D)
-                    print(f"  {kind}: fastest {best}, default {default}", flush=True)
+                    bucket, block_d = max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(D))
+                    print(f"  {kind}: fastest {best}, table {tiles.table(kind, bucket, block_d)}", flush=True)
     print(f"total {time.time() - start:.0f} s")
 
 

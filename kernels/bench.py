@@ -1,13 +1,13 @@
 """Attention benchmark: `python -m kernels.bench`.
 
 Times causal attention forward, backward and forward+backward for several implementations ("providers") on
-the same random inputs, and reports milliseconds, TFLOP/s and the speed relative to PyTorch's default
+the same random inputs, and reports milliseconds, TFLOP/s, the speed relative to PyTorch's default
 `F.scaled_dot_product_attention` ("x sdpa": above 1 is faster than SDPA default; `--baseline flex`
-compares against another provider).
+compares against another provider), and each provider's host cost per eager call.
 
 Providers
-    ours            kernels.flash_attention, our fused FlashAttention-2 kernel (C++ host path once built)
-    ours-python     the same kernels through the Python host path (kernels.host_path off)
+    ours            kernels.flash_attention, our fused FlashAttention-2 kernel
+    before          the flash_attention module of another checkout (`--before PATH`), for before/after tables
     sdpa            F.scaled_dot_product_attention, letting PyTorch pick (cuDNN on recent builds for H100)
     sdpa-flash      SDPA forced to its FlashAttention-2 backend   (torch.nn.attention.sdpa_kernel)
     sdpa-cudnn      SDPA forced to cuDNN's fused attention
@@ -17,22 +17,27 @@ Providers
     unfused         kernels.unfused: the same three steps as separate Triton kernels
 A provider that is missing, unsupported on this torch, out of memory or failing is reported as n/a.
 
-Method: the median of `triton.testing.do_bench` (CUDA events, L2 cache flushed between runs) after one
-untimed call that compiles and autotunes, and 500 ms of warm-up that brings the GPU clock back up. Inputs
-are seeded `randn`, one set per shape, shared by all providers. The forward pass runs with gradients
-enabled, as in training. FLOPs: forward 4*B*H*T*S*D (two matrix products of 2*T*S*D per head), halved for
-causal; backward 2.5x forward (five products instead of two); forward+backward 3.5x forward.
+Method. GPU time ("ms"): each provider's step (forward; backward of a kept output; or both) is captured
+N times in one CUDA graph after a few eager calls that compile and tune, the graph is replayed for half a
+second (the GPU's clock comes back up after compiling), then ten timed replays; the median over N. Every
+provider is timed the same way, without its host cost, as compiled training with CUDA graphs runs it.
+Host cost ("host us"): wall time per eager call, 5 rounds of 20 calls back to back without a sync, median;
+what a provider costs the CPU when it is not replayed from a graph. Inputs are seeded `randn`, one set per
+shape, shared by all providers; the forward runs with gradients enabled, as in training. FLOPs: forward
+4*B*H*T*S*D (two matrix products of 2*T*S*D per head), halved for causal; backward 2.5x forward (five
+products instead of two); forward+backward 3.5x forward.
 
-Outputs (under --out): bench.csv/json (the table), sweep.csv/json + sweep_d{64,128}_{mode}.png
-(--sweep: TFLOP/s against T at B*T = 16384 tokens, H*D = 2048), heatmap.json + heatmap.png (--heatmap:
-our kernel over a BLOCK_M x BLOCK_N grid, through `kernels.flash_attention.forced_config(block_m=...,
-block_n=..., num_warps=...)`, a context manager that pins the tile of the forward and backward kernels).
+Outputs (under --out): bench.csv/json (the table), before_after.md (with --before: ours against the other
+checkout, both as ratios to the baseline), sweep.csv/json + sweep_d{64,128}_{mode}.png (--sweep: TFLOP/s
+against T at B*T = 16384 tokens, H*D = 2048), heatmap.json + heatmap.png (--heatmap: our kernel over a
+BLOCK_M x BLOCK_N grid, through `kernels.flash_attention.forced_config(block_m=..., block_n=...,
+num_warps=...)`, which pins the tile of every kernel).
 
 Examples
     python -m kernels.bench
     python -m kernels.bench --shapes 16,12,1024,64 --modes fwd,bwd --providers ours,sdpa,flex
+    python -m kernels.bench --providers ours,before,sdpa --before ../old-checkout
     python -m kernels.bench --sweep --heatmap --out bench/results
-    python -m kernels.bench --no-table --heatmap --heatmap-shape 16,12,1024,64
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ import contextlib
 import csv
 import datetime
 import importlib
+import importlib.util
 import json
 import math
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +62,7 @@ import torch.nn.functional as F
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 PROVIDERS = (
-    "ours", "ours-python", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "naive", "unfused",
+    "ours", "before", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "naive", "unfused",
 )
 BASELINE = "sdpa"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,6 +83,7 @@ SWEEP_PROVIDERS = ("ours", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex")
 HEATMAP_SHAPE = (4, 16, 4096, 128)
 HEATMAP_BLOCKS = (16, 32, 64, 128)
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+BEFORE_TOLERANCE = 0.03  # a ratio to the baseline that drops by more than this is flagged in before_after.md
 
 
 class Unavailable(Exception):
@@ -94,9 +103,10 @@ class Result:
     causal: bool = True
     dtype: str = "bf16"
     dropout: float = 0.0
-    ms: float | None = None
+    ms: float | None = None  # GPU time per call, replayed from a CUDA graph
     tflops: float | None = None
     ratio: float | None = None  # SDPA default's ms / this ms: above 1 is faster than SDPA default
+    host_us: float | None = None  # host time per eager call
     note: str = ""
 
     @property
@@ -168,6 +178,38 @@ def _flex():
     return _compiled_flex
 
 
+BEFORE_PATH: str | None = None  # the checkout of the "before" provider (--before)
+_before_modules: dict[str, object] = {}
+
+
+def load_before(root: str | Path):
+    """The kernels/flash_attention.py of the checkout at ``root``, loaded beside ours under its own module
+    name. Its torch custom ops are registered under another namespace (the names would clash with ours),
+    and a C++ host path it may have stays off: under CUDA graphs only its kernels count."""
+    root = str(Path(root).resolve())
+    if root not in _before_modules:
+        path = Path(root) / "kernels" / "flash_attention.py"
+        if not path.is_file():
+            raise Unavailable(f"--before: no kernels/flash_attention.py under {root}")
+        tag = f"before_{len(_before_modules)}"
+        spec = importlib.util.spec_from_file_location(f"minigpt_{tag}", path)
+        module = importlib.util.module_from_spec(spec)
+        custom_op = torch.library.custom_op
+
+        def renamed(name, *args, **kwargs):  # "ns::op" -> "ns_before_0::op"
+            return custom_op(name.replace("::", f"_{tag}::", 1), *args, **kwargs)
+
+        torch.library.custom_op = renamed
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            torch.library.custom_op = custom_op
+        if hasattr(module, "_host_path_enabled"):
+            module._host_path_enabled = False
+        _before_modules[root] = module
+    return _before_modules[root]
+
+
 def make_provider(
     name: str, q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float = 0.0
 ) -> tuple[
@@ -176,23 +218,25 @@ def make_provider(
 ]:
     """Returns (fn(q, k, v) -> out, context factory to hold while timing). Raises Unavailable.
 
-    dropout_p: attention dropout as in training (ours, the sdpa providers and naive; flex and unfused
-    have none)."""
+    dropout_p: attention dropout as in training (ours, before, the sdpa providers and naive; flex and
+    unfused have none)."""
     T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
     if dropout_p > 0.0 and name in ("flex", "unfused"):
         raise Unavailable(f"{name} has no attention dropout")
     scale = 1.0 / math.sqrt(D)
     nullctx = contextlib.nullcontext
 
-    if name in ("ours", "ours-python"):
+    if name in ("ours", "before"):
+        if name == "before" and BEFORE_PATH is None:
+            raise Unavailable("before: no checkout given (--before PATH)")
         try:
-            module = importlib.import_module("kernels.flash_attention")
-            host_path = importlib.import_module("kernels.host_path")
+            module = load_before(BEFORE_PATH) if name == "before" else importlib.import_module("kernels.flash_attention")
+        except Unavailable:
+            raise
         except Exception as e:  # any import failure means the provider is absent
-            raise Unavailable(f"kernels.flash_attention: {type(e).__name__}: {e}") from e
+            raise Unavailable(f"{name}: {type(e).__name__}: {e}") from e
         fa = module.flash_attention
-        return (lambda q, k, v: fa(q, k, v, causal=causal, dropout_p=dropout_p)), (
-            host_path.disabled if name == "ours-python" else nullctx)
+        return (lambda q, k, v: fa(q, k, v, causal=causal, dropout_p=dropout_p)), nullctx
 
     if name == "sdpa" or name.startswith("sdpa-"):
 
@@ -258,35 +302,89 @@ def make_inputs(
     )
 
 
-def time_mode(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> float:
-    """Median milliseconds of fn's forward, backward or forward+backward (triton.testing.do_bench)."""
-    from triton.testing import do_bench
+def make_step(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One call of ``mode``: the forward (gradients enabled, as in training), the backward of an output
+    computed here, or both. Gradients are dropped before each backward, so none accumulates."""
 
-    if mode == "fwd":
+    def drop_grads():
+        for t in (q, k, v):
+            t.grad = None
 
-        def step():
-            return fn(q, k, v)
-    elif mode in ("bwd", "fwd_bwd"):
-        for _ in range(2):  # the calls after the first of a shape are the ones training repeats (ours
-            fn(q, k, v)  # plans its C++ host path at the second), so the output kept comes from a third
-        out = fn(q, k, v)
-        dout = torch.randn_like(out)
-        if mode == "bwd":
-
-            def step():
-                out.backward(dout, retain_graph=True)
-        else:
-
-            def step():
-                fn(q, k, v).backward(dout)
-    else:
+    if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    step()  # compile and autotune outside the timed runs
+    out = fn(q, k, v) if mode == "bwd" else None
+    dout = torch.randn_like(q)  # every provider's output has q's shape
+
+    def step():
+        if mode == "fwd":
+            fn(q, k, v)
+            return
+        drop_grads()
+        if mode == "bwd":
+            out.backward(dout, retain_graph=True)
+        else:
+            fn(q, k, v).backward(dout)
+
+    return step
+
+
+def graph_ms(step: Callable[[], None], stream: torch.cuda.Stream, rep_ms: float = 50.0,
+             warmup_s: float = 0.5) -> float:
+    """Median GPU milliseconds per call of ``step``, captured N times into one CUDA graph and replayed
+    (triton.testing.do_bench_cudagraph's method, on a stream we choose, so a backward captures on the
+    stream its forward ran on)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(5):
+        step()
+    end.record(stream)
+    end.synchronize()
+    calls = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            step()
+    began = time.perf_counter()
+    while time.perf_counter() - began < warmup_s:  # the clock drops while the host compiles and captures
+        graph.replay()
+        stream.synchronize()
+    times = []
+    for _ in range(10):
+        start.record(stream)
+        graph.replay()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def host_us(step: Callable[[], None], calls: int = 20, rounds: int = 5) -> float:
+    """Median host microseconds per eager call of ``step``, ``calls`` calls back to back without a sync
+    (the GPU queue stays far from full, so the host does not wait for the GPU)."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(calls):
+            step()
+        times.append((time.perf_counter() - began) / calls * 1e6)
     torch.cuda.synchronize()
-    # Compiling and autotuning can take seconds, in which the idle GPU drops its clock (an H100 to 345 MHz
-    # from 1980): half a second of warm-up brings it back before the timed runs (do_bench's default 25 ms
-    # read our char-GPT forward 5x slow).
-    return float(do_bench(step, warmup=500, grad_to_none=[q, k, v], return_mode="median"))
+    return statistics.median(times)
+
+
+def time_mode(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> tuple[float, float]:
+    """(GPU ms per call under CUDA graphs, host us per eager call) of fn's forward, backward or both."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step = make_step(fn, q, k, v, mode)
+        for _ in range(3):  # compile, tune, pick backends: outside the timed and captured calls
+            step()
+        stream.synchronize()
+        host = host_us(step)
+        ms = graph_ms(step, stream)
+    torch.cuda.current_stream().wait_stream(stream)
+    return ms, host
 
 
 def _short(e: BaseException) -> str:
@@ -326,7 +424,7 @@ def run_benchmarks(
                 else:
                     try:
                         with ctx():
-                            r.ms = time_mode(fn, q, k, v, mode)
+                            r.ms, r.host_us = time_mode(fn, q, k, v, mode)
                         r.tflops = attention_flops(B, H, T, T, D, causal, mode) / (r.ms * 1e-3) / 1e12
                     except Exception as e:  # out of memory, no kernel for this shape, ...
                         r.note = _short(e)
@@ -356,7 +454,10 @@ def add_ratios(results: list[Result], baseline: str = BASELINE) -> None:
 # Table, CSV, JSON
 # ---------------------------------------------------------------------------------------------------------
 
-_COLUMNS = (("provider", 15), ("shape (B,H,T,D)", 17), ("mode", 8), ("ms", 9), ("TFLOP/s", 8), ("x base", 7))
+_COLUMNS = (
+    ("provider", 15), ("shape (B,H,T,D)", 17), ("mode", 8), ("ms", 9), ("TFLOP/s", 8), ("host us", 8),
+    ("x base", 7),
+)
 
 
 def _num(x: float | None, digits: int) -> str:
@@ -370,6 +471,7 @@ def format_row(r: Result) -> str:
         r.mode,
         _num(r.ms, 3),
         _num(r.tflops, 1),
+        _num(r.host_us, 1),
         _num(r.ratio, 2),
     )
     line = "  ".join(
@@ -379,15 +481,31 @@ def format_row(r: Result) -> str:
 
 
 def format_table(results: Sequence[Result], baseline: str = BASELINE) -> str:
-    """The results as a fixed-width text table, one row per (provider, shape, mode).
-
-    The last column, "x <baseline>", is the baseline's time over this row's: above 1 is faster.
-    """
+    """The results as a fixed-width text table, one row per (provider, shape, mode): GPU ms under CUDA
+    graphs, TFLOP/s, host us per eager call, and "x <baseline>", the baseline's ms over this row's (above 1
+    is faster)."""
     names = [*(n for n, _ in _COLUMNS[:-1]), f"x {baseline}"]
     header = "  ".join(
         n.ljust(w) if i < 3 else n.rjust(w) for i, (n, (_, w)) in enumerate(zip(names, _COLUMNS))
     )
     return "\n".join([header, "-" * len(header), *(format_row(r) for r in results)])
+
+
+def before_after(results: Sequence[Result], baseline: str = BASELINE) -> str:
+    """A markdown table of ours against the "before" checkout at each shape and mode: both GPU times, both
+    ratios to the baseline, and the change of ours' ratio; a drop of more than BEFORE_TOLERANCE is flagged."""
+    by = {(r.provider, r.shape, r.mode): r for r in results}
+    lines = [f"| shape (B, H, T, D) | mode | before ms | ours ms | before x {baseline} | ours x {baseline} | change |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.provider != "ours" or ("before", r.shape, r.mode) not in by:
+            continue
+        old = by["before", r.shape, r.mode]
+        change = r.ratio - old.ratio if r.ratio is not None and old.ratio is not None else None
+        flag = " (drop)" if change is not None and change < -BEFORE_TOLERANCE else ""
+        lines.append(f"| {', '.join(map(str, r.shape))} | {r.mode} | {_num(old.ms, 3)} | {_num(r.ms, 3)} | "
+                     f"{_num(old.ratio, 2)} | {_num(r.ratio, 2)} | {_num(change, 2)}{flag} |")
+    return "\n".join(lines)
 
 
 def environment() -> dict:
@@ -502,7 +620,7 @@ def run_heatmap(
                 try:
                     with forced(block_m=bm, block_n=bn, num_warps=8 if bm * bn >= 64 * 128 else 4):
                         attend = lambda q, k, v: fa(q, k, v, causal=causal, dropout_p=dropout_p)
-                        cell["ms"] = time_mode(attend, q, k, v, mode)
+                        cell["ms"] = time_mode(attend, q, k, v, mode)[0]
                     cell["tflops"] = attention_flops(B, H, T, T, D, causal, mode) / (cell["ms"] * 1e-3) / 1e12
                 except Exception as e:  # a block pair the kernel cannot run
                     cell["note"] = _short(e)
@@ -540,9 +658,8 @@ def plot_heatmap(cells: Sequence[dict], shape: tuple[int, int, int, int], out_di
                 ax.text(j, i, text, ha="center", va="center", color="w", fontsize=8)
         ax.set_xticks(range(len(bns)), [str(b) for b in bns])
         ax.set_yticks(range(len(bms)), [str(b) for b in bms])
-        # the backward's programs hold BLOCK_N rows (keys for dK/dV, queries for dQ) and stream BLOCK_M
-        ax.set_xlabel("BLOCK_N (keys per step)" if mode == "fwd" else "BLOCK_N (rows held)")
-        ax.set_ylabel("BLOCK_M (queries held)" if mode == "fwd" else "BLOCK_M (rows streamed)")
+        ax.set_xlabel("BLOCK_N (keys)")  # in every kernel: dK/dV programs hold the keys, the others the queries
+        ax.set_ylabel("BLOCK_M (queries)")
         ax.set_title(f"ours {mode}, TFLOP/s, (B,H,T,D) = {','.join(map(str, shape))}")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
@@ -650,16 +767,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline", choices=PROVIDERS, default=BASELINE, help="provider of the ratio column")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--before", metavar="PATH", default=None,
+                   help="another checkout: its kernels/flash_attention.py is the 'before' provider, and the "
+                   "table run writes before_after.md (ours against it, as ratios to the baseline)")
+    # A new part of the benchmark adds its flag here and its block in main().
     return p
-
-
-def _host_path() -> str:
-    """Build our C++ host path before timing (it builds in the background otherwise): "C++" or "Python"."""
-    try:
-        ready = importlib.import_module("kernels.host_path").wait()
-    except Exception:  # no kernels module: the ours provider reports itself n/a
-        ready = False
-    return "C++" if ready else "Python"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -672,13 +784,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.dropout < 1.0:
         print(f"--dropout {args.dropout} is out of range; allowed: 0 <= p < 1")
         return 2
+    global BEFORE_PATH
+    BEFORE_PATH = args.before
     meta = {**environment(), "dtype": args.dtype, "causal": args.causal, "baseline": args.baseline}
     meta["dropout"] = args.dropout
-    meta["host_path"] = _host_path()
+    meta["before"] = args.before
     print(
         f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {args.dtype}  "
-        f"{'causal' if args.causal else 'non-causal'}{f'  dropout {args.dropout}' if args.dropout else ''}  "
-        f"ours: {meta['host_path']} host path",
+        f"{'causal' if args.causal else 'non-causal'}{f'  dropout {args.dropout}' if args.dropout else ''}",
         flush=True,
     )
 
@@ -686,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     if not args.no_table:
-        providers = args.providers or list(PROVIDERS)
+        providers = args.providers or [p for p in PROVIDERS if p != "before" or args.before]
         results = run_benchmarks(
             args.shapes,
             args.modes or list(MODES),
@@ -699,7 +812,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             dropout_p=args.dropout,
         )
         print(format_table(results, args.baseline))
-        paths = write_results(results, out, "bench", meta)
+        paths = [*write_results(results, out, "bench", meta)]
+        if "before" in providers and "ours" in providers:
+            table = before_after(results, args.baseline)
+            print(f"\nbefore ({args.before}) and after, GPU time under CUDA graphs\n{table}")
+            (out / "before_after.md").write_text(table + "\n")
+            paths.append(out / "before_after.md")
         if "unfused" in providers:
             steps = run_unfused_steps(args.shapes, args.dtype, args.causal, args.seed)
             if steps:

@@ -221,9 +221,7 @@ def softmax_rows(scores: torch.Tensor, causal: bool, dtype: torch.dtype | None =
     return out
 
 
-def batched_matmul(
-    a: torch.Tensor, b: torch.Tensor, scale: float = 1.0, causal: bool = False
-) -> torch.Tensor:
+def batched_matmul(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0, causal: bool = False) -> torch.Tensor:
     """a (B, H, M, K) @ b (B, H_b, K, N) * scale with H % H_b == 0 -> (B, H, M, N) in a's dtype.
 
     causal=True skips the blocks of a that a causal P holds as zeros (keys past each query's last).
@@ -254,9 +252,7 @@ def weighted_values(p: torch.Tensor, v: torch.Tensor, causal: bool = False) -> t
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(
-                f"{name} must be a 4-d tensor (B, heads, seq, head_dim), got {getattr(x, 'shape', x)}"
-            )
+            raise ValueError(f"{name} must be a 4-d tensor (B, heads, seq, head_dim), got {getattr(x, 'shape', x)}")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
     if k.shape != v.shape:
@@ -264,15 +260,11 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if min(*q.shape, *k.shape) < 1:
         raise ValueError(f"empty inputs are not supported, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"q (B, H, T, D) and k, v (B, H_kv, S, D) need the same B and D and H % H_kv == 0; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
-        )
+        raise ValueError(f"q (B, H, T, D) and k, v (B, H_kv, S, D) need the same B and D and H % H_kv == 0; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(
-            f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype}, "
-            f"{q.device}/{k.device}/{v.device}"
-        )
+        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype}, "
+                         f"{q.device}/{k.device}/{v.device}")
     if q.shape[0] * q.shape[1] > 65535:  # a grid axis of every kernel holds the (batch, head) pairs
         raise ValueError(f"B * H = {q.shape[0] * q.shape[1]} must be at most 65535 (CUDA's grid limit)")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -316,9 +308,8 @@ class _UnfusedAttention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def unfused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, sm_scale: float | None = None
-) -> torch.Tensor:
+def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                      sm_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, causal mask) v through three kernels. q (B, H, T, D), k/v (B, H_kv, S, D)."""
     _validate(q, k, v)
     if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
@@ -327,9 +318,8 @@ def unfused_attention(
     return _UnfusedAttention.apply(q, k, v, bool(causal), scale)
 
 
-def step_times(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, sm_scale: float | None = None
-) -> dict[str, float]:
+def step_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+               sm_scale: float | None = None) -> dict[str, float]:
     """Median milliseconds of each forward step (CUDA): {'scores': ..., 'softmax': ..., 'values': ...}."""
     from triton.testing import do_bench
 
@@ -351,16 +341,8 @@ class UnfusedMultiheadAttention(nn.Module):
     `attn_mask`, `key_padding_mask`, `need_weights=True`, dropout > 0, `batch_first=False`.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        dropout: float = 0.0,
-        bias: bool = True,
-        batch_first: bool = True,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = True, device=None, dtype=None):
         super().__init__()
         if num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
@@ -380,31 +362,19 @@ class UnfusedMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask=None,
-        need_weights: bool = False,
-        attn_mask=None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
+                need_weights: bool = False, attn_mask=None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
         """(batch, T, E) query, (batch, S, E) key/value -> ((batch, T, E) output, None)."""
         if attn_mask is not None or key_padding_mask is not None:
-            raise ValueError(
-                "attn_mask and key_padding_mask must be None; use is_causal=True for a causal mask"
-            )
+            raise ValueError("attn_mask and key_padding_mask must be None; use is_causal=True for a causal mask")
         if need_weights:
             raise ValueError("need_weights must be False: the layer returns no attention weights")
         B, T, E = query.shape
         S = key.shape[1]
         if E != self.embed_dim or key.shape[-1] != E or value.shape != key.shape:
-            raise ValueError(
-                f"query (B, T, {self.embed_dim}) and key = value (B, S, {self.embed_dim}) expected, "
-                f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-            )
+            raise ValueError(f"query (B, T, {self.embed_dim}) and key = value (B, S, {self.embed_dim}) expected, "
+                             f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         nh, hd = self.num_heads, self.head_dim

@@ -13,17 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cpp_host_path_built():
-    """On a GPU, build the C++ host path of the kernels before any test, so eager calls in every test take
-    the path users get (it is built in the background otherwise, and calls take the Python path until it
-    is ready)."""
-    if torch.cuda.is_available():
-        import kernels.host_path
-
-        kernels.host_path.wait(timeout=600)
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,10 +1,12 @@
-"""kernels.bench without a GPU: FLOPs, ratios, table, CSV, JSON, PNG writing, provider plumbing, --help."""
+"""kernels.bench without a GPU: FLOPs, ratios, table, CSV, JSON, PNG writing, provider plumbing, the timed
+steps, the before/after table and its checkout loader, --help."""
 
 import csv
 import json
 import math
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -53,7 +55,7 @@ def test_ratios_and_table():
     rows = _fake_results()
     assert [r.ratio for r in rows] == [1.0, 2.0, None, 1.0, 0.5, None]
     table = bench.format_table(rows).splitlines()
-    assert "provider" in table[0] and "TFLOP/s" in table[0] and "x sdpa" in table[0]
+    assert "provider" in table[0] and "TFLOP/s" in table[0] and "host us" in table[0] and "x sdpa" in table[0]
     assert len(table) == 2 + len(rows)
     assert table[3].split()[:3] == ["ours", "4,8,256,64", "fwd"] and table[3].split()[-1] == "2.00"
     assert "n/a" in table[4] and "no flex here" in table[4]
@@ -115,7 +117,7 @@ def test_run_benchmarks_plumbing_on_cpu(monkeypatch):
         calls.append(mode)
         if fn.__name__ == "naive" and mode == "bwd":
             raise torch.OutOfMemoryError("fake: out of memory")
-        return 0.5 if fn.__name__ == "naive" else 1.0
+        return (0.5 if fn.__name__ == "naive" else 1.0), 20.0
 
     monkeypatch.setattr(bench, "time_mode", fake_time)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -128,6 +130,78 @@ def test_run_benchmarks_plumbing_on_cpu(monkeypatch):
     )
     assert by["naive", "bwd"].ms is None and "OutOfMemoryError" in by["naive", "bwd"].note
     assert "n/a" in bench.format_row(by["naive", "bwd"])
+    assert by["sdpa", "fwd"].host_us == 20.0 and by["naive", "bwd"].host_us is None
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_timed_steps_run_their_mode_and_keep_no_gradient(mode):
+    """A step is the forward, the backward of an output made once, or both; gradients never pile up."""
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    forwards = []
+
+    def fn(q, k, v):
+        forwards.append(1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    step = bench.make_step(fn, q, k, v, mode)
+    made = len(forwards)
+    step()
+    first = None if q.grad is None else q.grad.clone()
+    step()
+    assert len(forwards) - made == (0 if mode == "bwd" else 2)
+    assert (q.grad is None) == (mode == "fwd")
+    if first is not None:
+        assert torch.equal(q.grad, first), "the second backward replaces the gradient, does not add to it"
+    with pytest.raises(ValueError, match="mode"):
+        bench.make_step(fn, q, k, v, "both")
+
+
+def test_before_after_table_flags_drops():
+    rows = [
+        Result("sdpa", 4, 8, 256, 64, "fwd", ms=1.0), Result("before", 4, 8, 256, 64, "fwd", ms=0.5),
+        Result("ours", 4, 8, 256, 64, "fwd", ms=0.52),
+        Result("sdpa", 4, 8, 256, 64, "bwd", ms=1.0), Result("before", 4, 8, 256, 64, "bwd", ms=1.0),
+        Result("ours", 4, 8, 256, 64, "bwd", ms=0.9),
+        Result("sdpa", 1, 8, 512, 64, "fwd", ms=1.0), Result("ours", 1, 8, 512, 64, "fwd", ms=1.0),
+    ]
+    bench.add_ratios(rows)
+    table = bench.before_after(rows).splitlines()
+    assert "before x sdpa" in table[0] and len(table) == 4, "one row per shape and mode that has both"
+    assert table[2].startswith("| 4, 8, 256, 64 | fwd | 0.500 | 0.520 | 2.00 | 1.92 | -0.08 (drop) |")
+    assert table[3].endswith("| 1.00 | 1.11 | 0.11 |")
+
+
+def test_load_before_loads_another_checkout_beside_ours(tmp_path):
+    """The other checkout's module loads under its own name; its custom op, named like ours, is registered
+    under another namespace; its C++ host path is switched off; ours is untouched."""
+    import kernels.flash_attention as ours
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "flash_attention.py").write_text(textwrap.dedent('''
+        import torch
+
+        _host_path_enabled = True
+
+        @torch.library.custom_op("minigpt_kernels::flash_attention_forward", mutates_args=())
+        def _forward_op(q: torch.Tensor) -> torch.Tensor:
+            return q * 2
+
+        def flash_attention(q, k, v, causal=True, dropout_p=0.0):
+            return _forward_op(q)
+    '''))
+    before = bench.load_before(tmp_path)
+    assert before is bench.load_before(tmp_path) and before is not ours
+    assert before._host_path_enabled is False
+    q = torch.ones(2)
+    assert torch.equal(before.flash_attention(q, q, q), q * 2)
+    namespace = before.__name__.removeprefix("minigpt_")
+    assert torch.equal(getattr(torch.ops, f"minigpt_kernels_{namespace}").flash_attention_forward(q), q * 2)
+    assert ours._forward_op._qualname == "minigpt_kernels::flash_attention_forward"
+    with pytest.raises(bench.Unavailable, match="no kernels/flash_attention.py"):
+        bench.load_before(tmp_path / "missing")
+    bench.BEFORE_PATH = None
+    with pytest.raises(bench.Unavailable, match="--before PATH"):
+        bench.make_provider("before", q.view(1, 1, 2, 1), q.view(1, 1, 2, 1), True)
 
 
 def test_unknown_provider_is_reported_not_raised(monkeypatch):
@@ -157,6 +231,7 @@ def test_help_works_without_gpu():
     )
     assert run.returncode == 0, run.stderr
     assert "--shapes" in run.stdout and "--heatmap" in run.stdout and "sdpa-cudnn" in run.stdout
+    assert "--before" in run.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
@@ -193,7 +268,33 @@ def test_bench_end_to_end_on_gpu(tmp_path):
         for mode in bench.MODES:
             assert by[provider, mode]["ms"] > 0 and by[provider, mode]["tflops"] > 0, (provider, mode)
     assert by["sdpa", "fwd"]["ratio"] == 1.0
+    assert all(by[p, m]["host_us"] > 0 for p in ("sdpa", "naive", "unfused") for m in bench.MODES)
     assert (tmp_path / "bench.csv").exists() and (tmp_path / "unfused_steps.json").exists()
+
+
+@pytest.mark.gpu
+def test_graph_timing_agrees_with_triton_do_bench_cudagraph():
+    """Our CUDA-graph timing of a forward reads what triton.testing.do_bench_cudagraph reads, within 25%."""
+    from triton.testing import do_bench_cudagraph
+
+    q, k, v = (t.detach() for t in bench.make_inputs(8, 16, 1024, 64, torch.bfloat16))
+    fn = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ours, host = bench.time_mode(fn, q, k, v, "fwd")
+    theirs = do_bench_cudagraph(lambda: fn(q, k, v), return_mode="median")
+    assert 0.75 < ours / theirs < 1.25 and host > 0
+
+
+@pytest.mark.gpu
+def test_before_provider_times_another_checkout(tmp_path):
+    """--before with this checkout itself: the before/after table has a row per shape and mode."""
+    import pathlib
+
+    root = pathlib.Path(bench.__file__).resolve().parents[1]
+    argv = ["--shapes", "2,4,256,64", "--providers", "ours,before,sdpa", "--modes", "fwd,bwd",
+            "--before", str(root), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    table = (tmp_path / "before_after.md").read_text().splitlines()
+    assert len(table) == 4 and "n/a" not in "".join(table[2:])
 
 
 def test_dropout_reaches_every_part(monkeypatch, tmp_path):
@@ -229,7 +330,7 @@ def test_heatmap_forces_each_block_pair(monkeypatch):
         yield
 
     monkeypatch.setattr(bench, "forced_config_fn", lambda: fake_forced)
-    monkeypatch.setattr(bench, "time_mode", lambda fn, q, k, v, mode: 2.0 if mode == "bwd" else 1.0)
+    monkeypatch.setattr(bench, "time_mode", lambda fn, q, k, v, mode: (2.0 if mode == "bwd" else 1.0, 10.0))
     monkeypatch.setattr(bench, "make_inputs", lambda *a, **kw: (torch.ones(1),) * 3)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     cells = bench.run_heatmap((1, 2, 128, 64), "bf16", True, blocks=(64, 128, 256))

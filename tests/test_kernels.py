@@ -8,8 +8,8 @@ interpreter has no bf16); `-m gpu` repeats the criteria in bf16 and fp16 on trai
 """
 
 import contextlib
-import importlib
 import math
+import sys
 import types
 
 import pytest
@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-# The module itself: ``kernels`` re-exports the function under the module's name, so
-# ``import kernels.flash_attention as fa`` would give the function.
-fa = importlib.import_module("kernels.flash_attention")
+import kernels.flash_attention as fa
+from kernels import tiles
+
 flash_attention = fa.flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,17 +176,41 @@ def test_matches_float64_reference(B, H, H_kv, T, S, D, causal, dtype, layout):
     check_case(B, H, H_kv, T, S, D, causal, dtype, layout)
 
 
-PLANS = ("one", "split", "fused")  # the ways _backward_impl launches the backward
+BACKWARD_PATHS = {"split": False, "atomic-dq": True}  # the two ways _backward_impl runs: _use_atomic_dq
 
 
-@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
 @pytest.mark.parametrize(
     "case", [CPU_CASES[i] for i in (1, 2, 3, 8)], ids=["gqa", "mqa-short-t", "t-gt-s", "dmajor"])
-def test_every_backward_plan_matches_float64_reference(monkeypatch, plan, case):
-    """Each plan, forced whatever the default would pick by head dim and length, on the hard corners: GQA on
+def test_every_backward_path_matches_float64_reference(monkeypatch, path, case):
+    """Each backward path, forced whatever head dim and length would pick, on the hard corners: GQA on
     views, MQA with T < S, rows with no key, strided D."""
-    monkeypatch.setattr(fa, "_bwd_plan", lambda bucket, block_d: plan)
+    monkeypatch.setattr(fa, "_use_atomic_dq", lambda *args: BACKWARD_PATHS[path])
     check_case(*case)
+
+
+@pytest.mark.parametrize("tile", [(32, 32), (16, 64)], ids=["32x32", "16x64"])
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+@pytest.mark.parametrize("case", [CPU_CASES[i] for i in (2, 3)], ids=["mqa-short-t", "t-gt-s"])
+def test_other_tiles_match_float64_reference(monkeypatch, tile, path, case):
+    """forced_config reaches every kernel: other tiles than the interpreter's (equal blocks; 16 rows)
+    compute the same attention."""
+    monkeypatch.setattr(fa, "_use_atomic_dq", lambda *args: BACKWARD_PATHS[path])
+    with fa.forced_config(*tile):
+        check_case(*case)
+
+
+def test_the_package_exports_the_module_and_calling_it_attends():
+    """``import kernels.flash_attention`` gives the module; ``from kernels import flash_attention`` gives the
+    same module, and calling it is calling its function."""
+    import kernels
+    from kernels import flash_attention as exported
+
+    assert isinstance(fa, types.ModuleType) and fa is sys.modules["kernels.flash_attention"]
+    assert exported is fa and kernels.flash_attention is fa and callable(exported)
+    assert hasattr(fa, "forced_config") and hasattr(fa, "dropout_keep_mask")
+    q, k, v = make_qkv(1, 2, 1, 17, 17, 16, torch.float32, "contiguous")
+    assert torch.equal(exported(q, k, v, causal=False, sm_scale=0.3), fa.flash_attention(q, k, v, False, 0.3))
 
 
 def test_public_entry_matches_sdpa_semantics():
@@ -300,12 +324,12 @@ def test_dropout_mask_follows_the_documented_philox_layout():
         assert torch.equal(keep[bh // H, bh % H], numbers >= int(p * 65536))
 
 
-@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
 @pytest.mark.parametrize("causal,layout", [(True, "contiguous"), (False, "transposed")])
-def test_dropout_replays_kernel_mask(monkeypatch, causal, layout, plan):
-    """Forward and backward use one mask: out, dq, dk, dv match a float64 reference that replays it, in
-    every backward plan."""
-    monkeypatch.setattr(fa, "_bwd_plan", lambda bucket, block_d: plan)
+def test_dropout_replays_kernel_mask(monkeypatch, causal, layout, path):
+    """Forward and backward use one mask: out, dq, dk, dv match a float64 reference that replays it, on
+    both backward paths."""
+    monkeypatch.setattr(fa, "_use_atomic_dq", lambda *args: BACKWARD_PATHS[path])
     B, H, H_kv, T, S, D, p = 1, 4, 2, 48, 80, 32, 0.25
     q, k, v = make_qkv(B, H, H_kv, T, S, D, torch.float32, layout, seed=3)
     do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -383,6 +407,16 @@ def compiled_matches_eager(backend, dtype=torch.float32, device=DEVICE, T=24):
 
 def test_compile_fullgraph_cpu():
     compiled_matches_eager("aot_eager")
+
+
+def test_compile_fullgraph_through_the_model_entry_point():
+    """minigpt's attention entry point traces into one graph with the triton backend (it imports the
+    function: TorchDynamo would not call the module object)."""
+    attention = pytest.importorskip("minigpt.attention").attention
+    q, k, v = make_qkv(1, 4, 2, 24, 24, 16, torch.float32, "fused")
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, "triton"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), flash_attention(q, k, v), atol=0, rtol=0)
+    torch._dynamo.reset()
 
 
 def test_opcheck():
@@ -483,32 +517,6 @@ def test_double_backward_raises():
         dq.sum().backward()
 
 
-def test_default_config_launches_without_the_autotuner(monkeypatch):
-    """Without MINIGPT_AUTOTUNE=1 a key's first call takes the pruner's pick and launches it directly (the
-    autotuner of Triton 3.6 would time even a single config), and the pick is kept for the key."""
-    picks = []
-
-    def prune(configs, named_args, **kwargs):
-        picks.append((named_args["N"], kwargs["SCALE"]))
-        return [configs[1]]
-
-    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["N"],
-                     prune_configs_by={"early_config_prune": prune})
-    @triton.jit
-    def fill(X, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        tl.store(X + offs, offs * SCALE + BLOCK, mask=offs < N)
-
-    monkeypatch.delenv("MINIGPT_AUTOTUNE", raising=False)
-    monkeypatch.setattr(triton.runtime.Autotuner, "run", lambda *a, **k: pytest.fail("the autotuner ran"))
-    monkeypatch.setattr(fa, "_tuned", {})
-    x = torch.zeros(40)
-    for _ in range(2):
-        fa._launch(fill, lambda meta: (1,), ("key",), (x,), (40,), SCALE=2)
-    assert picks == [(40, 2)], "pruned once, then remembered"
-    assert torch.equal(x[:32], torch.arange(32) * 2.0 + 32) and x[32:].eq(0).all(), "BLOCK 32 ran"
-
-
 def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(fa, "_interpreting", lambda: False)
     q = torch.randn(1, 2, 8, 16)
@@ -537,13 +545,23 @@ def run_reference_chunked(q, k, v, do, causal, scale, dtype):
 
 
 def quick_config():
-    """One fixed tile shape: GPU tests of odd shapes skip autotuning (minutes of compiling otherwise);
-    the headline shapes below run through the autotuner, as training does."""
+    """One fixed tile: GPU tests of odd shapes skip the table's larger tiles (fewer compilations); the
+    headline shapes run with the table's tiles, as training does."""
     return fa.forced_config(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
-GPU_CASES = [  # (B, H, H_kv, T, S, D, causal, layout, autotuned)
-    (4, 16, 16, 8192, 8192, 128, True, "contiguous", True),
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True):
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+GPU_CASES = [  # (B, H, H_kv, T, S, D, causal, layout, table tiles)
+    (4, 16, 16, 8192, 8192, 128, True, "contiguous", True),  # the atomic-dQ backward
     (64, 6, 6, 256, 256, 64, True, "fused", True),
     (4, 16, 4, 1024, 1024, 64, True, "fused", False),  # GQA on a fused projection
     (2, 8, 1, 1000, 1000, 80, False, "transposed", False),  # MQA, padded D, ragged T
@@ -554,12 +572,12 @@ GPU_CASES = [  # (B, H, H_kv, T, S, D, causal, layout, autotuned)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("B,H,H_kv,T,S,D,causal,layout,autotuned", GPU_CASES)
-def test_gpu_matches_float64_reference(B, H, H_kv, T, S, D, causal, layout, autotuned, dtype):
+@pytest.mark.parametrize("B,H,H_kv,T,S,D,causal,layout,table", GPU_CASES)
+def test_gpu_matches_float64_reference(B, H, H_kv, T, S, D, causal, layout, table, dtype):
     q, k, v = make_qkv(B, H, H_kv, T, S, D, dtype, layout, device="cuda")
     do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
     scale = 1.0 / math.sqrt(D)
-    with contextlib.nullcontext() if autotuned else quick_config():
+    with contextlib.nullcontext() if table else quick_config():
         got = run_kernel(q, k, v, do, causal, scale)
     ref64 = run_reference_chunked(q, k, v, do, causal, scale, torch.float64)
     same = run_reference_chunked(q, k, v, do, causal, scale, dtype)
@@ -567,12 +585,12 @@ def test_gpu_matches_float64_reference(B, H, H_kv, T, S, D, causal, layout, auto
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
 @pytest.mark.parametrize("B,H,H_kv,T,S,D,causal,layout", [
     (4, 16, 4, 1024, 1024, 64, True, "fused"), (2, 8, 2, 300, 1500, 128, True, "contiguous")])
-def test_gpu_every_backward_plan(monkeypatch, plan, B, H, H_kv, T, S, D, causal, layout):
-    """Each backward plan with its default tiles, in bf16, whatever the sequence length would pick."""
-    monkeypatch.setattr(fa, "_bwd_plan", lambda bucket, block_d: plan)
+def test_gpu_every_backward_path(monkeypatch, path, B, H, H_kv, T, S, D, causal, layout):
+    """Each backward path with the table's tiles, in bf16, whatever head dim and length would pick."""
+    monkeypatch.setattr(fa, "_use_atomic_dq", lambda *args: BACKWARD_PATHS[path])
     dtype = torch.bfloat16
     q, k, v = make_qkv(B, H, H_kv, T, S, D, dtype, layout, device="cuda")
     do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
@@ -589,6 +607,12 @@ def test_gpu_cpu_case_subset_fp16():
         for case in CPU_CASES:
             B, H, H_kv, T, S, D, causal, _, layout = case
             check_case(B, H, H_kv, T, S, D, causal, torch.float16, layout, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_takes_tiles_that_fit():
+    """fp32 doubles the shared memory a tile needs: the table's largest tiles give up stages and rows."""
+    check_case(1, 4, 4, 4096, 4096, 128, True, torch.float32, "contiguous", device="cuda")
 
 
 @pytest.mark.gpu
@@ -609,36 +633,68 @@ def test_gpu_inputs_away_from_the_current_device():
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic():
-    q, k, v = make_qkv(4, 16, 4, 1024, 1024, 64, torch.bfloat16, "fused", device="cuda")
-    do = torch.randn(4, 16, 1024, 64, device="cuda", dtype=torch.bfloat16)
-    first = run_kernel(q, k, v, do, True, 0.1)
-    for _ in range(20):
-        again = run_kernel(q, k, v, do, True, 0.1)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+@pytest.mark.parametrize("B,H,H_kv,T,D", [(4, 16, 4, 1024, 64), (2, 8, 8, 4096, 128)], ids=["d64", "d128"])
+def test_gpu_deterministic_path_repeats_bit_for_bit(B, H, H_kv, T, D):
+    """20 repeats of forward and backward, identical to the bit, on the split backward (at D = 128 from
+    T = 2048 under torch.use_deterministic_algorithms, which selects it)."""
+    q, k, v = make_qkv(B, H, H_kv, T, T, D, torch.bfloat16, "fused", device="cuda")
+    do = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    with deterministic_algorithms():
+        first = run_kernel(q, k, v, do, True, 0.1)
+        for _ in range(20):
+            again = run_kernel(q, k, v, do, True, 0.1)
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_algorithms_keep_dq_exact():
-    """At D = 128 from T = 2048 dQ is summed with atomic adds, in arrival order; under
-    torch.use_deterministic_algorithms the backward takes the two-launch plan and repeats bit for bit."""
+def test_gpu_atomic_dq_differs_from_split_only_in_rounding():
+    """The atomic path sums dQ in another order (and in fp32); out, lse, dK and dV are the same bits."""
     q, k, v = make_qkv(2, 8, 8, 4096, 4096, 128, torch.bfloat16, "fused", device="cuda")
     do = torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
-    fused = run_kernel(q, k, v, do, True, 0.1)
+    atomic = run_kernel(q, k, v, do, True, 0.1)
     with deterministic_algorithms():
-        first = run_kernel(q, k, v, do, True, 0.1)
-        for _ in range(5):
-            again = run_kernel(q, k, v, do, True, 0.1)
-            assert all(torch.equal(a, b) for a, b in zip(first, again))
-    # the fused plan's dQ: the same sums in another order (dK and dV are computed alike in both plans)
-    assert torch.equal(first[3], fused[3]) and torch.equal(first[4], fused[4])
-    assert (first[2].float() - fused[2].float()).abs().max() <= 2**-7 * first[2].float().abs().max()
+        split = run_kernel(q, k, v, do, True, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(split[:2] + split[3:], atomic[:2] + atomic[3:]))
+    assert (split[2].float() - atomic[2].float()).abs().max() <= 2**-7 * split[2].float().abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D", [(256, 64), (2048, 128)], ids=["split", "atomic-dq"])
+def test_gpu_cuda_graph_replay_equals_eager(T, D):
+    """Forward and backward captured in a CUDA graph and replayed on new inputs give what eager calls give
+    (to the bit on the split path; within rounding where dQ is summed atomically)."""
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(4, 8, 8, T, T, D, torch.bfloat16, "contiguous",
+                                                             device="cuda"))
+    do = torch.randn(4, 8, T, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = flash_attention(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (1, 2):
+        for t, new in zip((q, k, v), make_qkv(4, 8, 8, T, T, D, torch.bfloat16, "contiguous", "cuda", seed)):
+            t.data.copy_(new)
+        do.normal_()
+        graph.replay()
+        eager = step()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[2], eager[2])
+        assert torch.equal(captured[3], eager[3])
+        dq, dq_eager = captured[1].float(), eager[1].float()
+        exact = T == 256  # the split path
+        assert torch.equal(dq, dq_eager) if exact else (dq - dq_eager).abs().max() <= 2**-7 * dq.abs().max()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,H_kv,T,S,D", [(2, 8, 2, 512, 512, 64), (1, 4, 2, 2048, 2048, 128)],
-                         ids=["split", "fused"])  # the backward plan each shape takes
+                         ids=["split", "atomic-dq"])  # the backward path each shape takes
 def test_gpu_dropout_replays_mask(B, H, H_kv, T, S, D):
     p = 0.2
     q, k, v = make_qkv(B, H, H_kv, T, S, D, torch.float16, "fused", device="cuda")
@@ -647,8 +703,7 @@ def test_gpu_dropout_replays_mask(B, H, H_kv, T, S, D):
     keep = fa.dropout_keep_mask(seed, B, H, T, S, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
     scale = 1.0 / math.sqrt(D)
-    with quick_config():
-        got = run_kernel(q, k, v, do, True, scale, dropout_p=p, seed=seed)
+    got = run_kernel(q, k, v, do, True, scale, dropout_p=p, seed=seed)
     ref64 = run_reference(q, k, v, do, True, scale, torch.float64, keep=keep, dropout_p=p)
     same = run_reference(q, k, v, do, True, scale, torch.float16, keep=keep, dropout_p=p)
     assert_close_as_torch(got, ref64, same, torch.float16)
@@ -707,122 +762,51 @@ def test_gpu_dropout_under_compile_draws_new_masks(mode):
     torch.compiler.reset()
 
 
-def test_default_tiles_skip_autotuning(monkeypatch):
-    """Without MINIGPT_AUTOTUNE=1 the pruner leaves one config per key, the default tile (nothing to
-    benchmark at the first call); with it, every config that fits is timed."""
-    monkeypatch.setattr(fa, "_smem_limit", lambda device_index: 232448)  # an H100's shared memory
-    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in fa._FWD_CONFIGS
-    ]
-    prune = fa._make_pruner(lambda bm, bn, bd, st: bm * bd + 2 * st * bn * bd,
-                            lambda args: fa._fwd_tile(args["SEQ_BUCKET"], args["BLOCK_D"]))
-    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    for bucket, block_d in ((256, 64), (1024, 64), (4096, 64), (4096, 128), (16384, 128)):
-        args = {"Q": q, "SEQ_BUCKET": bucket, "BLOCK_D": block_d}
-        monkeypatch.delenv("MINIGPT_AUTOTUNE", raising=False)
-        assert [tile(c) for c in prune(configs, args)] == [fa._fwd_tile(bucket, block_d)]
-        monkeypatch.setenv("MINIGPT_AUTOTUNE", "1")
-        assert len(prune(configs, args)) > 1
-    monkeypatch.delenv("MINIGPT_AUTOTUNE")
-    tiny = prune(configs, {"Q": q, "SEQ_BUCKET": 16, "BLOCK_D": 64})  # every tile exceeds T: the smallest
-    assert [tile(c) for c in tiny] == [(64, 32, 4, 4)]
+# ----------------------------------------------------------------------------------------------------
+# The tile table and the choice of backward path
+# ----------------------------------------------------------------------------------------------------
+H100_SHARED_MEMORY = 232448  # bytes a block may opt into on an H100
 
 
-def test_cached_launch_calls_the_c_launcher_unless_hooks_are_set(monkeypatch):
-    """The first launch of a specialization goes through Triton and is remembered; later ones call the
-    compiled kernel's C launcher directly (grid padded to three axes, the stream, no launch metadata or
-    hooks, pointers as integers, scalars, constexprs in signature order); with a profiler's launch hooks
-    set, Triton's own launch path again, which calls them."""
-    calls = []
-
-    class Compiled:  # what Triton's compile returns, reduced to what _launch touches
-        function, packed_metadata = "function", "metadata"
-
-        def _init_handles(self):
-            calls.append("init")
-
-        def run(self, *args):
-            calls.append(("direct", args))
-
-        def __getitem__(self, grid):
-            return lambda *args: calls.append(("triton", grid, args))
-
-    class Kernel:  # a @triton.jit function: kernel[grid](*args, **constexprs) compiles and launches
-        arg_names = ["X", "n", "BLOCK"]
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append(("compile", grid(kwargs), args, kwargs)) or Compiled()
-
-    class Driver:
-        class active:
-            get_current_stream = staticmethod(lambda device: ("stream", device))
-
-    monkeypatch.setattr(fa, "_interpreting", lambda: False)
-    monkeypatch.setattr(fa, "_compiled", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(triton.runtime, "driver", Driver)
-    hooks = [False]
-    monkeypatch.setattr(fa, "_launch_hooks_set", lambda: hooks[0])
-    x, kernel = torch.zeros(4), Kernel()
-    grid = lambda meta: (meta["BLOCK"] // 2, 3)
-    for _ in range(2):
-        fa._launch(kernel, grid, None, (x,), (5,), BLOCK=4)
-    hooks[0] = True
-    fa._launch(kernel, grid, None, (x,), (5,), BLOCK=4)
-    assert calls == [
-        ("compile", (2, 3), (x, 5), {"BLOCK": 4}),
-        "init",
-        ("direct", (2, 3, 1, ("stream", 0), "function", "metadata", None, None, None, x.data_ptr(), 5, 4)),
-        ("triton", (2, 3, 1), (x, 5, 4)),
-    ]
-
-
-def test_launch_hooks_set_reads_each_triton_form(monkeypatch):
-    """Triton's launch hooks are chains of callbacks (triton >= 3.5) or a callable or None (3.4)."""
-    runtime = triton.knobs.runtime
-    hook = lambda metadata: None
-    for enter, expected in ((None, False), (hook, True), (types.SimpleNamespace(calls=[]), False),
-                            (types.SimpleNamespace(calls=[hook]), True)):
-        monkeypatch.setattr(runtime, "launch_enter_hook", enter)
-        monkeypatch.setattr(runtime, "launch_exit_hook", None)
-        assert fa._launch_hooks_set() is expected
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on: bool = True):
-    saved = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved)
-
-
-def test_backward_plan_by_head_dim_length_and_determinism():
-    """The atomic dQ of the fused plan serves D > 64 from T = 2048, unless deterministic algorithms are
-    asked for."""
-    assert fa._bwd_plan(256, 64) == "one" and fa._bwd_plan(512, 64) == "split"
-    assert fa._bwd_plan(16384, 64) == "split" and fa._bwd_plan(1024, 128) == "split"
-    assert fa._bwd_plan(2048, 128) == "fused" and fa._bwd_plan(16384, 128) == "fused"
+def test_backward_path_by_head_dim_length_and_determinism():
+    """The atomic dQ serves padded head dims above 64 from 2048 tokens, unless deterministic algorithms
+    are asked for."""
+    assert not fa._use_atomic_dq(64, 16384, 16384) and not fa._use_atomic_dq(128, 1024, 1024)
+    assert fa._use_atomic_dq(128, 2048, 2048) and fa._use_atomic_dq(128, 300, 1500)
     with deterministic_algorithms():
-        assert fa._bwd_plan(2048, 128) == "split" and fa._bwd_plan(16384, 128) == "split"
+        assert not fa._use_atomic_dq(128, 2048, 2048) and not fa._use_atomic_dq(128, 16384, 16384)
 
 
-def test_every_config_suits_dropout():
-    """The dropout mask is drawn 32 keys at a time: every key block must be a multiple of 32. In the
-    backward both blocks are keys in one role (held by dK/dV programs, streamed by dQ programs)."""
-    assert all(bn % 32 == 0 for _, bn, _, _ in fa._FWD_CONFIGS)
-    assert all(bm % 32 == 0 and bn % 32 == 0 for bm, bn, _, _ in fa._BWD_CONFIGS)
+def test_every_table_tile_suits_dropout_and_fits_an_h100():
+    """Key blocks are multiples of 32 (dropout draws 32 keys at a time), blocks are at least tl.dot's 16,
+    and bf16 tiles fit an H100's shared memory as the table gives them."""
+    for kernel in tiles.KERNELS:
+        for bucket in (2**i for i in range(4, 18)):
+            for block_d in (16, 32, 64, 128):
+                bm, bn, warps, stages = tiles.table(kernel, bucket, block_d)
+                where = (kernel, bucket, block_d)
+                assert bn % 32 == 0 and bm >= 16 and warps in (4, 8) and stages >= 1, where
+                assert tiles.shared_memory(kernel, bm, bn, block_d, stages) * 2 <= H100_SHARED_MEMORY
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        tiles.table("bwd", 1024, 64)
 
 
-def test_every_default_tile_is_a_listed_config():
-    """The pruner picks the default tile out of the config list; a default missing from it would fall back
-    to another tile without a word."""
-    roles = (fa.ROLE_DKDV.value, fa.ROLE_DQ.value, fa.ROLE_BOTH.value, fa.ROLE_FUSED.value)
-    for bucket in (2**i for i in range(4, 16)):
-        for block_d in (16, 32, 64, 128):
-            assert fa._fwd_tile(bucket, block_d) in fa._FWD_CONFIGS, ("fwd", bucket, block_d)
-            for role in roles:
-                assert fa._bwd_tile(role, bucket, block_d) in fa._BWD_CONFIGS, (role, bucket, block_d)
+@pytest.mark.parametrize("limit", [H100_SHARED_MEMORY, 166912, 101376, 49152])  # H100, A100, RTX 4090, 48 KB
+def test_tiles_shrink_to_fit_smaller_shared_memory(limit):
+    """Tiles that do not fit give up stages, then rows, and keep key blocks that dropout can use."""
+    for kernel in tiles.KERNELS:
+        for element_size in (2, 4):  # bf16 / fp16, fp32
+            tile = tiles.table(kernel, 16384, 128)
+            bm, bn, _, stages = tiles.fit(kernel, tile, 128, element_size, limit)
+            assert tiles.shared_memory(kernel, bm, bn, 128, stages) * element_size <= limit
+            assert bn % 32 == 0 and bm >= 16 and bm <= tile[0] and bn <= tile[1]
+            if tiles.shared_memory(kernel, *tile[:2], 128, tile[3]) * element_size <= limit:
+                assert (bm, bn, stages) == (tile[0], tile[1], tile[3]), "a tile that fits is kept"
+
+
+def test_forced_config_pins_every_kernel_and_restores():
+    q = torch.empty(1, 1, 64, 64)
+    forced = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+    with fa.forced_config(16, 32, num_warps=8, num_stages=1):
+        assert all(tiles.pick(kernel, q, 64, 64) == forced for kernel in tiles.KERNELS)
+    assert tuple(tiles.pick("dkdv", q, 64, 64).values()) == tiles.INTERPRETER["dkdv"]
