@@ -721,7 +721,9 @@ def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
         raise TypeError(f"flash_attention: causal must be a bool, got {causal!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p={dropout_p} is out of range; allowed: 0 <= dropout_p < 1")
-    if dropout_p > 0.0 and T * triton.cdiv(S, 32) * 4 >= 2**31:
+    # plain integers, not triton.cdiv: this runs inside torch.compile's trace, and some TorchDynamo versions
+    # break the graph at a call into Triton's host helpers
+    if dropout_p > 0.0 and T * -(-S // 32) * 4 >= 2**31:
         raise ValueError(f"flash_attention: dropout needs T * S / 8 < 2**31 (Philox counters are int32), got T={T}, S={S}")
     if sm_scale is not None and not (math.isfinite(sm_scale) and 0 < sm_scale * LOG2E < _FLOAT32_MAX):
         raise ValueError(f"flash_attention: sm_scale={sm_scale} must be a positive number (in float32's range) or None")

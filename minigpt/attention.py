@@ -1,10 +1,11 @@
 """The one attention entry point of the model, with its backends.
 
     attention(q, k, v, backend)   q (B, H, T, D), k and v (B, H_kv, S, D), H % H_kv == 0
+    decode_attention(q, k_cache, v_cache, lengths, backend)   a decode step against a static KV cache
 
 Backends:
-- ``triton``: our fused FlashAttention-2 kernel (``kernels.flash_attention``), imported on first use so
-  that a machine without it (CPU only) never pays for the import.
+- ``triton``: our fused FlashAttention-2 kernel (``kernels.flash_attention``); on CPU tensors only under
+  Triton's interpreter (TRITON_INTERPRET=1).
 - ``sdpa``: PyTorch's ``F.scaled_dot_product_attention``, grouped-query attention through ``enable_gqa``.
 - ``naive``: the readable reference: scores, mask, softmax, dropout, weighted sum of values.
 - ``auto``: ``triton`` on CUDA, ``sdpa`` elsewhere.
@@ -15,11 +16,18 @@ positions of the sequence, which is what decoding with a KV cache needs (one new
 """
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "sdpa", "naive")
+try:  # imported with this module, never inside a torch.compile trace (a traced import can break the graph)
+    from kernels.flash_attention import flash_attention
+except ImportError:  # no Triton (its wheels are Linux-only): the other backends still work
+    flash_attention = None
+
+Backend = Literal["auto", "triton", "sdpa", "naive"]
+BACKENDS = get_args(Backend)
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -69,8 +77,8 @@ def attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
     if backend == "triton":
-        from kernels import flash_attention  # imported here: CPU users never need the kernel
-
+        if flash_attention is None:
+            raise ValueError("attention backend 'triton' needs the triton package; allowed here: sdpa, naive")
         return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
     if backend == "sdpa":
@@ -94,3 +102,41 @@ def attention(
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att.to(v.dtype) @ v  # (B, H, T, S) x (B, H, S, D) -> (B, H, T, D)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """Attention of a decode step against a static KV cache; returns (B, H, T, D).
+
+    q (B, H, T, D) holds the newest T tokens of each sequence; k_cache, v_cache (B, H_kv, S_max, D) hold
+    sequence b in their first lengths[b] slots, the new tokens' keys and values included. lengths (B,) is
+    a device tensor, so a captured CUDA graph replays this call unchanged while the sequences grow. Token
+    t sees the slots j <= lengths[b] - T + t (the causal mask, bottom-right aligned in each sequence).
+    ``triton`` runs our split-KV kernel (``kernels.decode``); ``sdpa`` and ``naive`` attend over the
+    whole cache under a mask of those slots.
+    """
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton":
+        from kernels.decode import decode_attention as decode_kernel  # imported on first use, as above
+
+        return decode_kernel(q, k_cache, v_cache, lengths)
+
+    B, H, T, D = q.shape
+    H_kv, S = k_cache.size(1), k_cache.size(2)
+    G = H // H_kv
+    last = lengths.view(B, 1, 1) - T + torch.arange(T, device=q.device).view(1, T, 1)  # (B, T, 1)
+    visible = torch.arange(S, device=q.device) <= last  # (B, T, S)
+    if backend == "sdpa":
+        # The G query heads of a kv head as G * T rows of one head: SDPA reads each K and V once per kv head.
+        rows = q.reshape(B, H_kv, G * T, D)  # (B, H, T, D) -> (B, H_kv, G * T, D)
+        mask = visible.unsqueeze(1).expand(B, G, T, S).reshape(B, 1, G * T, S)
+        y = F.scaled_dot_product_attention(rows, k_cache, v_cache, attn_mask=mask)
+        return y.reshape(B, H, T, D)  # a view unless the backend wrote its output in another layout
+
+    # naive: every step written out
+    k = k_cache.repeat_interleave(G, dim=1)  # (B, H, S_max, D)
+    v = v_cache.repeat_interleave(G, dim=1)  # (B, H, S_max, D)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, S_max)
+    att = att.float().masked_fill(~visible.unsqueeze(1), float("-inf"))
+    return F.softmax(att, dim=-1).to(v.dtype) @ v  # (B, H, T, S_max) x (B, H, S_max, D) -> (B, H, T, D)
