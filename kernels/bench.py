@@ -770,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before", metavar="PATH", default=None,
                    help="another checkout: its kernels/flash_attention.py is the 'before' provider, and the "
                    "table run writes before_after.md (ours against it, as ratios to the baseline)")
-    # A new part of the benchmark adds its flag here and its block in main().
+    p.add_argument("--decode", action="store_true",
+                   help="also the decode benchmark (kernels/bench_decode.py): one new token against a KV cache")
     return p
 
 
@@ -853,6 +854,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = [*write_results(sweep, out, stem, meta), *plot_sweep(sweep, out, f"({meta['gpu']})")]
         print(f"wrote {', '.join(map(str, paths))}")
 
+    if args.decode:
+        from kernels.bench_decode import run_decode_bench
+
+        rows = run_decode_bench()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps(rows, indent=1))
     if args.heatmap:
         cells = run_heatmap(
             args.heatmap_shape, args.dtype, args.causal, seed=args.seed, log=log, dropout_p=args.dropout

@@ -23,37 +23,56 @@ References:
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.attention import BACKENDS, attention
+from minigpt.attention import Backend, attention, decode_attention
 
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2", "swiglu")
+Norm = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["gelu", "relu2", "swiglu"]
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256  # longest sequence the model reads
-    vocab_size: int = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
-    # Embedding and output rows rounded up to a multiple of this: a matmul over 50304 columns runs faster
-    # than over GPT-2's 50257. The extra rows are never predicted (masked out of the softmax) or returned.
+    """The shape of a GPT and its optional parts; these fields are also the `model:` keys of train.py's
+    config (GPTModule takes them as they are).
+
+    Args:
+        block_size: longest sequence the model reads, in tokens (the data's window length too).
+        vocab_size: tokens in the vocabulary (train.py sets it from the tokenizer; 257 is the byte one).
+        vocab_multiple: round the embedding and output rows up to a multiple of this (64 speeds up GPT-2's
+            50257-token output matmul); the extra rows are never predicted (masked out of the softmax).
+        n_layer: transformer blocks.
+        n_head: query heads per attention layer.
+        n_kv_head: key/value heads: None = n_head, fewer = grouped-query attention, 1 = multi-query.
+        n_embd: width of the residual stream.
+        dropout: dropout probability in training (embeddings, attention, residual branches).
+        bias: biases in the Linear layers and LayerNorms.
+        attention: attention backend: triton | sdpa | naive, or auto (triton on CUDA, sdpa elsewhere).
+        rope: rotary position embeddings instead of learned ones.
+        norm: layernorm | rmsnorm.
+        qk_norm: RMSNorm (no gain) on every query and key head before attention.
+        mlp: gelu | relu2 | swiglu.
+    """
+
+    block_size: int = 256
+    vocab_size: int = 257
     vocab_multiple: int = 1
     n_layer: int = 6
     n_head: int = 6
-    n_kv_head: int | None = None  # key/value heads: None = n_head, fewer = grouped-query, 1 = multi-query
+    n_kv_head: int | None = None
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = False  # biases in Linear layers and LayerNorms
-    attention: str = "auto"  # auto | triton | sdpa | naive (auto: triton on CUDA, sdpa elsewhere)
-    rope: bool = False  # rotary position embeddings instead of the learned wpe
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    qk_norm: bool = False  # RMSNorm (no gain) on every query and key head before attention
-    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    bias: bool = False
+    attention: Backend = "auto"
+    rope: bool = False
+    norm: Norm = "layernorm"
+    qk_norm: bool = False
+    mlp: MLPKind = "gelu"
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -61,24 +80,23 @@ class GPTConfig:
         sizes = ("block_size", "vocab_size", "vocab_multiple", "n_layer", "n_head", "n_kv_head", "n_embd")
         for name in sizes:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ValueError(f"n_embd={self.n_embd}: must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+            raise ValueError(f"n_head={self.n_head}: must be divisible by n_kv_head={self.n_kv_head}")
         if self.rope and (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError(f"rope needs n_embd // n_head even, got {self.n_embd // self.n_head}")
+            raise ValueError(
+                f"rope=True needs an even head size n_embd // n_head, got {self.n_embd} // {self.n_head}"
+            )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout={self.dropout}: must lie in [0, 1)")
         self.padded_vocab_size = -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-        for name, value, allowed in (
-            ("attention", self.attention, BACKENDS),
-            ("norm", self.norm, NORMS),
-            ("mlp", self.mlp, MLPS),
-        ):
+        for name, kind in (("attention", Backend), ("norm", Norm), ("mlp", MLPKind)):
+            value, allowed = getattr(self, name), get_args(kind)
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise ValueError(f"{name}={value!r}: allowed: {' | '.join(allowed)}")
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -101,6 +119,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache:
     """The keys and values one layer has seen while generating, in buffers preallocated for max_len tokens."""
+
+    # None: the host knows the length and update() returns exactly the stored tokens. A static cache
+    # (minigpt.decode) sets it to a device tensor of lengths in a captured decode step.
+    lengths: torch.Tensor | None = None
 
     def __init__(self, max_len: int):
         self.max_len = max_len
@@ -133,7 +155,6 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.backend = config.attention
-        self.timer: Callable | None = None  # see GPT.set_attention_timer
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -149,7 +170,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H_kv, S, D): every token so far; the T queries are the last T
-        y = self.timer(self._attend, q, k, v) if self.timer is not None else self._attend(q, k, v)
+        if cache is not None and cache.lengths is not None:  # a decode step against a static cache
+            y = decode_attention(q, k, v, cache.lengths, self.backend)  # (B, H, T, D)
+        else:
+            y = self._attend(q, k, v)  # (B, H, T, D); minigpt.timing can wrap this call to time it
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, H, D) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -197,17 +221,6 @@ class Block(nn.Module):
         return x
 
 
-# Module names that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _built_name(name: str) -> str:
-    """A parameter's name as the GPT was built, without the names wrappers added."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -230,10 +243,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: projections into the residual stream scale with depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # Shapes as built, by every name a parameter has (the tied matrix has two). Under FSDP the parameters
-        # become 1-D views of each rank's shard, so decay groups and counts are read from here.
-        self.param_shapes = {name: p.shape for name, p in self.named_parameters(remove_duplicate=False)}
-        self._n_params = sum(p.numel() for p in self.parameters())  # the tied matrix once
+        # counted as built (under FSDP the parameters become shards of each rank); the tied matrix once
+        self._n_params = sum(p.numel() for p in self.parameters())
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, nn.Linear):
@@ -249,7 +260,7 @@ class GPT(nn.Module):
         n = self._n_params
         n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd  # padding rows
         if non_embedding and not self.config.rope:
-            n -= self.param_shapes["transformer.wpe.weight"].numel()
+            n -= self.config.block_size * self.config.n_embd  # wpe
         return n
 
     def forward(
@@ -287,19 +298,6 @@ class GPT(nn.Module):
             loss = None
         return logits[..., : self.config.vocab_size], loss
 
-    def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-    ) -> torch.optim.AdamW:
-        """AdamW that decays the matrices (Linear weights, embeddings) but not biases and norm gains."""
-        params = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        is_matrix = lambda name: len(self.param_shapes[_built_name(name)]) >= 2
-        groups = [
-            {"params": [p for name, p in params if is_matrix(name)], "weight_decay": weight_decay},
-            {"params": [p for name, p in params if not is_matrix(name)], "weight_decay": 0.0},
-        ]
-        # fused: one kernel updates every parameter instead of a handful of kernels per tensor
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), fused=device_type == "cuda")
-
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward and backward), nanoGPT's estimate after the PaLM paper (app. B):
         6N for the N weights (a multiply-add is 2 FLOPs forward, twice that backward), plus 12*L*H*Q*T for
@@ -307,11 +305,6 @@ class GPT(nn.Module):
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * self.num_params() + 12 * L * H * Q * T
-
-    def set_attention_timer(self, timer: Callable | None):
-        """Route every layer's attention through timer(fn, q, k, v), which returns fn(q, k, v); None = off."""
-        for block in self.transformer.h:
-            block.attn.timer = timer
 
     @torch.no_grad()
     def generate(
@@ -328,10 +321,12 @@ class GPT(nn.Module):
 
         With the KV cache (default) the prompt is read once (prefill), then each step feeds only the newest
         token, whose attention reads the cached keys and values of every earlier token. The cache holds
-        block_size tokens, so prompt + max_new_tokens must fit in block_size. Without the cache each step
-        reads the whole sequence again, cropped to its last block_size tokens as in nanoGPT, so generation
-        can run past block_size. See sample() for temperature, top_k and top_p; pass a seeded generator for
-        reproducible samples. Dropout is off while generating (eval mode); the mode is restored after.
+        block_size tokens, so prompt + max_new_tokens must fit in block_size. On CUDA the cache is static
+        and the decode step is replayed as a CUDA graph (minigpt.decode); on the CPU it grows step by step.
+        Without the cache each step reads the whole sequence again, cropped to its last block_size tokens
+        as in nanoGPT, so generation can run past block_size. See sample() for temperature, top_k and
+        top_p; pass a seeded generator (on idx's device) for reproducible samples. Dropout is off while
+        generating (eval mode); the mode is restored after.
         """
         block_size = self.config.block_size
         if idx.dim() != 2 or idx.size(1) == 0:
@@ -347,6 +342,10 @@ class GPT(nn.Module):
                 f"use_kv_cache=False (the context is then cropped to the last block_size tokens)"
             )
         check_sampling(temperature, top_k, top_p)
+        if use_kv_cache and idx.is_cuda:
+            from minigpt.decode import Decoder  # imported here: minigpt.decode builds on this module
+
+            return Decoder(self, temperature, top_k, top_p, generator).generate(idx, max_new_tokens)
 
         was_training = self.training
         self.eval()
@@ -393,7 +392,7 @@ def sample(
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (B, 1)
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)  # (B, V) each
@@ -402,4 +401,7 @@ def sample(
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    # The draw torch.multinomial makes for one sample (argmax of p / q, q ~ Exp(1): the Gumbel-max trick),
+    # without its check of probs on the host, which would stop a CUDA graph capture of the decode step.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)

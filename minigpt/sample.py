@@ -8,6 +8,8 @@ The checkpoint alone is enough: the model shape comes from its ``hyper_parameter
 the KV cache. The cache holds one block: once it is full, it is refilled from the last block_size // 2
 tokens and generation goes on, so the model always reads between half a block and a block of context
 (nanoGPT re-reads the last block_size tokens at every step, which costs about block_size times more).
+On CUDA the model runs in bfloat16 with a static cache, its decode step replayed as a CUDA graph
+(minigpt.decode); on the CPU it runs in float32, step by step.
 Each sample is printed as prompt + continuation; with several samples a line of dashes separates them.
 """
 
@@ -20,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minigpt.attention import BACKENDS, resolve_backend
+from minigpt.decode import Decoder
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import tokenizer_from_dict
 
@@ -62,6 +65,12 @@ def generate(
         raise ValueError(f"block_size={block_size}: sampling needs a model of block_size >= 2")
     keep = block_size // 2  # context kept when the cache is full
     bar = tqdm(total=max_new_tokens, unit="tok", desc="sampling", disable=not progress, file=sys.stderr)
+    if idx.is_cuda:  # one decoder, its step captured once, refilled by the same rule as below
+        try:
+            decoder = Decoder(model, temperature, top_k, top_p, generator)
+            return decoder.generate(idx, max_new_tokens, on_token=lambda: bar.update(1))
+        finally:
+            bar.close()
     # generate() runs one forward pass per new token: a forward hook moves the bar
     def tick(*_) -> None:  # a forward hook must return None to leave the output alone
         bar.update(1)
@@ -124,12 +133,12 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-        out = generate(
-            model, idx, args.max_new_tokens, args.temperature, top_k, args.top_p, generator,
-            progress=not args.no_progress,
-        )
+    if device.type == "cuda":
+        model.to(torch.bfloat16)  # the weights as the matmuls read them under bf16 autocast, cast once
+    out = generate(
+        model, idx, args.max_new_tokens, args.temperature, top_k, args.top_p, generator,
+        progress=not args.no_progress,
+    )
     texts = [enc.decode(row.tolist()) for row in out]
     for i, text in enumerate(texts):
         if i:

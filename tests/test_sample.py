@@ -25,8 +25,8 @@ def checkpoint(tmp_path_factory) -> Path:
         main_train([
             "--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "10",
             "--data.source", str(root / "corpus.txt"), "--data.cache_dir", str(root / "data"),
-            "--out_dir", str(root / "runs"), "--run_name", "tiny", "--wandb_mode", "disabled",
-            "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root / "runs"), "--run_name", "tiny",
+            "--wandb_mode", "disabled", "--trainer.enable_progress_bar", "false",
         ])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
