@@ -9,39 +9,48 @@ logged loss there, which synchronizes anyway, so the one ``torch.cuda.synchroniz
 nothing extra. Validation and checkpointing are left out of the windows: the clock pauses when validation
 starts and restarts at the next training batch. The first window starts after the first step, so
 ``torch.compile`` and start-up do not count.
+
+Why not Lightning's ``ThroughputMonitor``: it synchronizes the GPU after every batch to read its clock,
+which stalls the launch queue that a CUDA-graph step of a small model depends on, and its clock runs on
+through validation. The peak FLOP/s for MFU do come from Lightning (``get_available_flops``).
 """
 
 import time
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_info
 
 from minigpt.model import check_sampling
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name.
-# The first match wins, so the more specific names come first.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-)
+# Dense bf16 peaks (FLOP/s) of GPUs that Lightning's table knows under other names only (it reads the
+# H200's only from names with "SXM1" or "NVL1"; torch reports "NVIDIA H200").
+_MORE_BF16_PEAKS = {"NVIDIA H200": 989e12}
 
 
-def peak_tflops(device: torch.device | str | None = None) -> float | None:
-    """Dense bf16 peak of a CUDA device in TFLOP/s, or None when unknown (a CPU, an unlisted GPU)."""
-    device = torch.device(device) if device is not None else None
-    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+def _compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the matrix products under a Trainer precision ("bf16-mixed", "16-true", "32-true"...)."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def peak_flops(device: torch.device | str, precision: str = "bf16-mixed") -> float | None:
+    """The device's peak FLOP/s for the matrix products of `precision` (Lightning's table), or None when
+    unknown (a CPU, an unlisted GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
+    dtype = _compute_dtype(precision)
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+    if dtype == torch.bfloat16 and name in _MORE_BF16_PEAKS:
+        return _MORE_BF16_PEAKS[name]
+    peak = get_available_flops(device, dtype)  # warns once for a GPU it does not know
+    return float(peak) if peak else None
 
 
 class ThroughputLogger(L.Callback):
@@ -50,14 +59,14 @@ class ThroughputLogger(L.Callback):
 
     Args:
         window: optimizer steps per measurement (None = the trainer's log_every_n_steps).
-        peak_tflops: the device's peak in TFLOP/s for MFU (None = look it up in PEAK_BF16_TFLOPS).
+        peak_flops: the device's peak FLOP/s for MFU (None = ``peak_flops`` of the device and precision).
     """
 
-    def __init__(self, window: int | None = None, peak_tflops: float | None = None):
+    def __init__(self, window: int | None = None, peak_flops: float | None = None):
         if window is not None and window < 1:
             raise ValueError(f"window={window} must be None or >= 1")
         self.window = window
-        self.peak_tflops = peak_tflops
+        self.peak_flops = peak_flops
         self._measuring = False  # the first optimizer step is done; windows are being timed
         self._start: float | None = None  # perf_counter when the clock (re)started; None while paused
         self._elapsed = 0.0  # seconds timed in the open window before the last pause
@@ -71,8 +80,8 @@ class ThroughputLogger(L.Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.peak_tflops is None:
-            self.peak_tflops = peak_tflops(pl_module.device)
+        if self.peak_flops is None:
+            self.peak_flops = peak_flops(pl_module.device, trainer.precision)
         self._flops_per_token = pl_module.model.flops_per_token()
         self._measuring, self._start, self._elapsed, self._tokens = False, None, 0.0, 0
         self._last_step = trainer.global_step
@@ -97,8 +106,8 @@ class ThroughputLogger(L.Callback):
         seconds = self._elapsed + now - self._start
         per_device = self._tokens / seconds  # every device trains batches of the same size
         metrics = {"perf/tokens_per_s": per_device * trainer.world_size}
-        if self.peak_tflops:
-            metrics["perf/mfu"] = self._flops_per_token * per_device / (self.peak_tflops * 1e12)
+        if self.peak_flops:
+            metrics["perf/mfu"] = self._flops_per_token * per_device / self.peak_flops
         for logger in trainer.loggers:  # the step number Lightning gives this step's train/loss
             logger.log_metrics(metrics, step=trainer.global_step - 1)
         self._start, self._elapsed, self._tokens = now, 0.0, 0

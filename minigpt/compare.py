@@ -81,11 +81,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         raise ValueError(f"--candidate and --baseline must differ, both are {args.candidate!r}")
     if not Path(args.config).is_file():
         raise ValueError(f"--config must be an existing YAML file, got {args.config!r}")
-    for flag in ("--model.attention", "--run_name", "--group"):
+    for flag in ("--model.attention", "--run_name", "--group", "--trainer.default_root_dir"):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ValueError(
                 f"{flag} is set by compare for each run, got {flag} in the overrides; "
-                "use --candidate, --baseline and --group"
+                "use --candidate, --baseline, --group and --out_dir"
             )
     if args.group is None:
         args.group = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -115,7 +115,7 @@ def train_command(args: argparse.Namespace, backend: str, extra: list[str]) -> l
         f"{args.group}-{backend}",
         "--group",
         args.group,
-        "--out_dir",
+        "--trainer.default_root_dir",
         args.out_dir,
     ]
 

@@ -19,6 +19,7 @@ exactly the stream it left.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import importlib.metadata
@@ -144,6 +145,28 @@ def resolve_files(source: str) -> list[Path]:
     raise ValueError(f"source={source!r}: the path does not exist; allowed: {SOURCES}")
 
 
+def check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """Raise a ValueError naming `path` and the byte offset of its first byte that is not UTF-8 text.
+    Read in chunks, so a corpus larger than memory is checked too."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # file offset of the chunk being decoded
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            held = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset - held + e.start
+                raise ValueError(
+                    f"{path} is not UTF-8 text: byte {at} (0x{e.object[e.start]:02x}) cannot be decoded; "
+                    "data.source takes UTF-8 text files"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def _source_kind(source: str) -> str:
     if source == "shakespeare":
         return "shakespeare"
@@ -190,10 +213,11 @@ def _load_rows(source: str, work_dir: Path):
     name, _, config = source[3:].partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split="train")
-    except Exception as e:
-        raise RuntimeError(
+    except Exception as e:  # a wrong name and no network raise alike, as whatever the hub client raises
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
             f"source={source!r}: could not load the dataset from the Hugging Face hub (it needs the network "
-            f"the first time; HF_HUB_OFFLINE=1 works only once it is in the HF cache). Cause: {e!r}"
+            f"the first time; HF_HUB_OFFLINE=1 works once it is in the HF cache): {cause}"
         ) from e
     column = (
         "text"
@@ -268,11 +292,15 @@ def build_cache(source: str, tokenizer: str, val_fraction: float, cache_dir: str
     if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == digest:
         return folder
 
+    if _source_kind(source) == "files":
+        for path in resolve_files(source):  # before anything is written: a bad file leaves no folder
+            check_utf8(path)
     # Stale or missing: start over (meta.json goes first, so a crash mid-way never looks complete).
     meta_path.unlink(missing_ok=True)
     (folder / f"{tokenizer}.json").unlink(missing_ok=True)
     work = folder / "build"
     shutil.rmtree(work, ignore_errors=True)
+    new_folder = not folder.exists()
     work.mkdir(parents=True)
     try:
         rows = _load_rows(source, work)
@@ -293,6 +321,10 @@ def build_cache(source: str, tokenizer: str, val_fraction: float, cache_dir: str
                 encode, batched=True, batch_size=16, remove_columns=["text"], desc=f"tokenizing {split}"
             )
             counts[split] = _write_tokens(ds, folder / f"{split}.bin", dtype)
+    except BaseException:
+        if new_folder:  # nothing of a failed first build stays behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -438,6 +470,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction={val_fraction!r} must lie strictly between 0 and 1")
         if not isinstance(source, str) or not source:
             raise ValueError(f"source={source!r}; allowed: {SOURCES}")
+        self.save_hyperparameters()  # in checkpoints: `train.py validate` reads the data from there
         self.vocab_size = vocab_size_for(tokenizer)
         if _source_kind(source) == "files":
             files = resolve_files(source)  # raises for a missing path

@@ -1,9 +1,11 @@
 """GPTModule: the LightningModule that trains a GPT on next-token prediction.
 
-Its typed ``__init__`` arguments are the ``model:`` section of the config (LightningCLI reads them, with
-their docs, from the signature below). The module owns the loss, the optimizer (AdamW with decay groups,
-fused on CUDA), the learning-rate schedule (linear warmup, then cosine decay to ``min_lr``, stepped per
-optimizer step), gradient clipping, ``torch.compile`` and the project's callbacks.
+Its typed ``__init__`` arguments are the ``model:`` section of the config: its own training settings, and
+the fields of ``GPTConfig`` passed through under their own names (LightningCLI reads both, with their docs,
+from the signatures), so each model setting is written once, in ``minigpt.model``. The module owns the
+loss, the optimizer (AdamW, or Muon with AdamW: ``minigpt.optim``), the learning-rate schedule (linear
+warmup, then cosine decay to ``min_lr``, stepped per optimizer step), gradient clipping, ``torch.compile``,
+what FSDP changes (sharded gradient norm, wrapped parameter names) and the project's callbacks.
 
 Reproducibility. The data stream is a pure function of (seed, sample index) (see ``minigpt.data``); the
 dropout masks are made one too: before every micro-batch the global RNG is seeded from (seed, micro-step
@@ -11,6 +13,7 @@ index). A run resumed from a checkpoint therefore continues the very trajectory 
 in the checkpoint to restore.
 """
 
+import dataclasses
 import math
 import os
 import platform
@@ -24,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from minigpt.attention import resolve_backend
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import make_optimizer
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -31,81 +35,73 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 class GPTModule(L.LightningModule):
     def __init__(
         self,
-        vocab_size: int = 257,
-        vocab_multiple: int = 1,
-        block_size: int = 256,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_kv_head: int | None = None,
-        n_embd: int = 384,
-        dropout: float = 0.0,
-        bias: bool = False,
-        attention: Literal["auto", "triton", "sdpa", "naive"] = "auto",
-        rope: bool = False,
-        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
-        qk_norm: bool = False,
-        mlp: Literal["gelu", "relu2", "swiglu"] = "gelu",
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float = 0.01,
+        muon_momentum: float = 0.95,
         compile: bool = False,
         compile_mode: CompileMode = "default",
         time_attention: bool = True,
+        **model_config,
     ):
         """A GPT trained on next-token cross-entropy.
 
         Args:
-            vocab_size: tokens in the vocabulary (set from the data's tokenizer).
-            vocab_multiple: round the embedding and output rows up to a multiple of this (64 speeds up
-                GPT-2's 50257-token output matmul); the extra rows are never predicted.
-            block_size: context length in tokens (also the data's window length).
-            n_layer: transformer blocks.
-            n_head: query heads per attention layer.
-            n_kv_head: key/value heads (None = n_head; fewer = grouped-query attention).
-            n_embd: width of the residual stream.
-            dropout: dropout probability in training (embeddings, attention, residual branches).
-            bias: biases in the Linear layers and LayerNorms.
-            attention: attention backend: auto | triton | sdpa | naive (auto: triton on CUDA, else sdpa).
-            rope: rotary position embeddings instead of learned ones.
-            norm: layernorm | rmsnorm.
-            qk_norm: RMSNorm on queries and keys before attention.
-            mlp: gelu | relu2 | swiglu.
             learning_rate: peak learning rate, reached at the end of the warmup.
             min_lr: learning rate at the end of the cosine decay (and after it).
             warmup_steps: optimizer steps of linear warmup from 0 to learning_rate.
             lr_decay_steps: optimizer step at which the cosine reaches min_lr (None = trainer.max_steps).
             weight_decay: AdamW weight decay of the matrices (biases and norm gains are not decayed).
             betas: AdamW betas.
+            optimizer: adamw | muon. muon: torch.optim.Muon for the matrices inside the blocks (peak
+                learning rate muon_lr, no weight decay), AdamW for the embedding, head and gains
+                (minigpt.optim); not with FSDP. adamw: AdamW for every parameter, as nanoGPT trains.
+            muon_lr: Muon's peak learning rate (the schedule scales it like learning_rate).
+            muon_momentum: Muon's momentum (Nesterov).
             compile: torch.compile the GPT (the first steps then take longer while it compiles).
             compile_mode: torch.compile's mode. reduce-overhead replays each step's forward and backward as
                 CUDA graphs: one launch instead of hundreds, which pays when the GPU outruns the host
                 (small models); the attention kernels, ours or SDPA's, are captured in the graphs.
             time_attention: log the forward and backward time of attention (attn/*) on the logged steps; a
                 compiled model runs its timed steps eagerly, one step in ten logged ones (minigpt.timing).
+            **model_config: the fields of ``minigpt.model.GPTConfig`` (n_layer, n_head, n_embd, attention,
+                ...), under their own names: the config's ``model:`` keys, documented there.
         """
         super().__init__()
         if not learning_rate > 0.0:
-            raise ValueError(f"learning_rate={learning_rate} must be > 0")
+            raise ValueError(f"learning_rate={learning_rate}: must be > 0")
         if not 0.0 <= min_lr <= learning_rate:
-            raise ValueError(f"min_lr={min_lr} must lie in [0, learning_rate={learning_rate}]")
+            raise ValueError(f"min_lr={min_lr}: must lie in [0, learning_rate={learning_rate}]")
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+            raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0")
         if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
-            raise ValueError(f"lr_decay_steps={lr_decay_steps} must be None or > warmup_steps={warmup_steps}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
-        self.save_hyperparameters()
-        self.model = GPT(
-            GPTConfig(
-                block_size=block_size, vocab_size=vocab_size, vocab_multiple=vocab_multiple, n_layer=n_layer,
-                n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, dropout=dropout, bias=bias,
-                attention=attention, rope=rope, norm=norm, qk_norm=qk_norm, mlp=mlp,
+            raise ValueError(
+                f"lr_decay_steps={lr_decay_steps}: must be None or > warmup_steps={warmup_steps}"
             )
-        )
-        self.attention_backend = attention  # resolved on the real device in setup()
+        if not muon_lr > 0.0:
+            raise ValueError(f"muon_lr={muon_lr}: must be > 0")
+        if not 0.0 <= muon_momentum < 1.0:
+            raise ValueError(f"muon_momentum={muon_momentum}: must lie in [0, 1)")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={list(betas)}: must be two numbers in [0, 1)")
+        unknown = sorted(set(model_config) - {f.name for f in dataclasses.fields(GPTConfig)})
+        if unknown:
+            raise TypeError(f"GPTModule got {unknown}: neither its arguments nor fields of GPTConfig")
+        config = GPTConfig(**model_config)
+        self.save_hyperparameters()
+        # every field, also those left at their defaults: a checkpoint alone rebuilds the GPT
+        self.hparams.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        self.model = GPT(config)
+        # Whether each parameter is a matrix (decayed) or not, by every name it has (the tied matrix has two),
+        # read now: under FSDP the parameters become 1-D shards, and wrappers insert parts into their names.
+        named = self.model.named_parameters(remove_duplicate=False)
+        self._is_matrix = {name: p.dim() >= 2 for name, p in named}
+        self.attention_backend = config.attention  # resolved on the real device in setup()
         self._base_seed = 0
         self._micro = (-1, 0)  # (global_step, micro-batch within it) of the current batch
         self._grad_norm: torch.Tensor | None = None
@@ -116,7 +112,7 @@ class GPTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device  # the module itself still sits on the CPU here
-        self.attention_backend = resolve_backend(self.hparams.attention, device)
+        self.attention_backend = resolve_backend(self.model.config.attention, device)
         # the run's seed (seed_everything records it in PL_GLOBAL_SEED), not whatever was seeded last
         self._base_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         if device.type == "cuda":
@@ -279,8 +275,12 @@ class GPTModule(L.LightningModule):
         # unfused optimizers only
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         device_type = "cuda" if self.trainer.strategy.root_device.type == "cuda" and not scaled else "cpu"
-        optimizer = self.model.configure_optimizers(
-            hp.weight_decay, hp.learning_rate, tuple(hp.betas), device_type
+        # AdamW decays the matrices (Linear weights, embeddings), not the biases and norm gains; fused: one
+        # kernel updates every parameter instead of a handful of kernels per tensor
+        optimizer = make_optimizer(
+            self.model, hp.optimizer, lambda name: self._is_matrix[built_name(name)], lr=hp.learning_rate,
+            weight_decay=hp.weight_decay, betas=tuple(hp.betas), muon_lr=hp.muon_lr,
+            muon_momentum=hp.muon_momentum, fused=device_type == "cuda",
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.lr_at(s) / hp.learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -298,7 +298,7 @@ class GPTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._run_decay_steps = checkpoint.get("lr_decay_steps")  # absent in older checkpoints: max_steps
-        if self._trainer is None:  # loaded outside training (load_from_checkpoint): no schedule to tell of
+        if self._trainer is None or self._trainer.state.fn != "fit":  # no schedule to tell of
             return
         max_steps = self._trainer.max_steps
         if self._run_decay_steps and not self.hparams.lr_decay_steps and max_steps != self._run_decay_steps:
@@ -306,6 +306,17 @@ class GPTModule(L.LightningModule):
                 f"trainer.max_steps={max_steps}: the learning rate keeps the run's schedule, which decays "
                 f"until step {self._run_decay_steps}; --model.lr_decay_steps sets another"
             )
+
+
+# Module names that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def built_name(name: str) -> str:
+    """A parameter's name as the GPT was built, without the parts that wrappers inserted."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 def shard_copies(sharding_strategy: str, world_size: int, num_nodes: int) -> int:

@@ -1,7 +1,7 @@
 """Per-step attention timing: forward and backward time of every attention call, summed over layers.
 
     timer = AttentionTimer()
-    model.set_attention_timer(timer)      # each layer now runs y = timer(self._attend, q, k, v)
+    attach_timer(model, timer)            # each layer now runs y = timer(layer._attend, q, k, v)
     timer.start_step(step=0, device=...)
     loss = model(x, y)[1]; loss.backward(); optimizer.step()
     timer.end_step()
@@ -43,6 +43,7 @@ are Python code that the autograd engine runs from its device thread, which is w
 steps are short (see ``AttentionTimingCallback``: it times the logged steps, not all of them, by default).
 """
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -235,6 +236,20 @@ class AttentionTimer:
         return out
 
 
+def attach_timer(model: nn.Module, timer: Callable | None) -> None:
+    """Route the attention call of every layer of `model` through `timer(fn, q, k, v)`, which returns
+    `fn(q, k, v)`; None detaches it. A layer is a module whose forward calls its `_attend(q, k, v)` method, as
+    `minigpt.model.CausalSelfAttention` does: an instance attribute of the same name shadows the method while
+    attached, so the model itself knows nothing of timing."""
+    for module in model.modules():
+        if not callable(getattr(type(module), "_attend", None)):
+            continue
+        if timer is None:
+            module.__dict__.pop("_attend", None)
+        else:
+            module._attend = functools.partial(timer, type(module)._attend.__get__(module))
+
+
 def _is_compiled(pl_module: L.LightningModule) -> bool:
     """Whether the module asks for torch.compile or its model already is compiled."""
     model = pl_module.model
@@ -248,7 +263,7 @@ def _is_compiled(pl_module: L.LightningModule) -> bool:
 class AttentionTimingCallback(L.Callback):
     """Logs ``attn/fwd_ms``, ``attn/bwd_ms``, ``attn/share`` and ``perf/step_ms`` of timed optimizer steps.
 
-    Installs its ``AttentionTimer`` on ``pl_module.model`` (through ``set_attention_timer``) at the start of
+    Installs its ``AttentionTimer`` on ``pl_module.model`` (through ``attach_timer``) at the start of
     each timed step and removes it when the step ends, so that the other steps, validation and sampling
     run the model exactly as without timing. Each row goes straight to the trainer's loggers, at the step
     number Lightning gives that step's ``train/loss`` (0 for the first optimizer step). On CUDA a step is
@@ -295,7 +310,7 @@ class AttentionTimingCallback(L.Callback):
             if self._compiled:
                 torch.compiler.set_stance("force_eager")
                 self._eager = True
-            pl_module.model.set_attention_timer(self.timer)
+            attach_timer(pl_module.model, self.timer)
             self.timer.start_step(step, pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
@@ -315,7 +330,7 @@ class AttentionTimingCallback(L.Callback):
         self._uninstall(pl_module)
 
     def _uninstall(self, pl_module: L.LightningModule) -> None:
-        pl_module.model.set_attention_timer(None)
+        attach_timer(pl_module.model, None)
         if self._eager:
             torch.compiler.set_stance("default")
             self._eager = False

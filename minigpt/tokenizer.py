@@ -70,7 +70,7 @@ def _gpt2() -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # tiktoken raises whatever its HTTP client raises when offline
-        raise RuntimeError(
+        raise ValueError(
             "tokenizer='gpt2' could not be loaded: tiktoken downloads its file once and then reads it "
             "from TIKTOKEN_CACHE_DIR. Connect to the network once, or install a copy of the file offline "
             "with `python -m minigpt.tokenizer install-gpt2 FILE` (or use tokenizer='byte' or 'bpe-N'). "

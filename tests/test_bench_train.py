@@ -84,6 +84,27 @@ def test_tiny_step_split(workdir, tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
 
 
+def test_the_steps_are_the_modules_own(workdir, monkeypatch):
+    """The benchmark trains through Lightning's loop: every step runs GPTModule's training step and its
+    gradient clipping, micro-batches included."""
+    from minigpt.module import GPTModule
+
+    calls = {"training_step": 0, "configure_gradient_clipping": 0}
+    for name in calls:
+        method = getattr(GPTModule, name)
+
+        def counted(self, *args, _method=method, _name=name, **kwargs):
+            calls[_name] += 1
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(GPTModule, name, counted)
+    r = main(tiny_args(workdir, "--steps", "3", "--warmup", "1", "--trainer.accumulate_grad_batches", "2",
+                       "--model.time_attention", "false"))  # fmt: skip
+    steps = 1 + 3 + 3  # warm-up, measured, free-running (no second warm-up without attention timing)
+    assert calls == {"training_step": 2 * steps, "configure_gradient_clipping": steps}
+    assert r["steps"] == 3
+
+
 def test_accumulation_and_no_attention_timing(workdir):
     r = main(
         tiny_args(

@@ -38,7 +38,7 @@ def test_train_command_forwards_overrides_and_fixes_the_seed(tmp_path):
     assert cmd[1:3] == ["-m", "minigpt.cli"]
     joined = " ".join(cmd)
     expected = ["--trainer.max_steps 3", "--seed_everything 7", "--model.attention naive"]
-    for part in expected + ["--run_name g-naive", "--group g", "--out_dir runs"]:
+    for part in expected + ["--run_name g-naive", "--group g", "--trainer.default_root_dir runs"]:
         assert part in joined
     # a seed given among the overrides is left alone
     cmd = compare.train_command(args, "sdpa", ["--seed_everything", "3"])

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.data import TextDataModule, build_cache, play_to_text, shakespeare_text, window_starts
+from minigpt.data import (
+    TextDataModule,
+    build_cache,
+    check_utf8,
+    play_to_text,
+    shakespeare_text,
+    window_starts,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -400,3 +407,50 @@ def test_one_line_corpus_is_cut_inside_the_line(tmp_path):
     cut = int(len(text) * 0.75)
     assert dm.tokenizer.decode(tokens(dm, "train").tolist()) == text[:cut]
     assert dm.tokenizer.decode(tokens(dm, "val").tolist()) == text[cut:]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 1 << 20])
+def test_utf8_check_names_the_first_bad_byte(tmp_path, chunk_size):
+    """Multi-byte characters cut by a chunk boundary are fine; the offset is the file's, whatever the
+    chunks; a character cut short by the end of the file is an error too."""
+    good = tmp_path / "good.txt"
+    good.write_text("añ€😀 " * 3, encoding="utf-8")
+    check_utf8(good, chunk_size)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("añ€😀".encode() + b"x\x80y")  # 1 + 2 + 3 + 4 bytes, then x, then the bad byte
+    with pytest.raises(ValueError, match=rf"{bad} is not UTF-8 text: byte 11 \(0x80\)"):
+        check_utf8(bad, chunk_size)
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("ab€".encode()[:-1])
+    with pytest.raises(ValueError, match=r"byte 2 \(0xe2\)"):
+        check_utf8(cut, chunk_size)
+
+
+def test_a_failed_first_build_leaves_no_cache_folder(tmp_path, monkeypatch):
+    """A source that is not UTF-8 fails before anything is written; a build that fails later (here, while
+    tokenizing) removes the folder it started."""
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+    with pytest.raises(ValueError, match="binary.txt is not UTF-8 text: byte 136"):
+        build_cache(str(binary), "byte", 0.1, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+    import minigpt.data
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer broke")
+
+    text = tmp_path / "text.txt"
+    text.write_text(random_text(0, 2000))
+    monkeypatch.setattr(minigpt.data, "load_tokenizer", broken)
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        build_cache(str(text), "byte", 0.1, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_data_settings_are_saved_in_checkpoints(corpus, tmp_path):
+    dm = TextDataModule(source=str(corpus), cache_dir=str(tmp_path / "cache"), batch_size=3, seed=5)
+    assert dict(dm.hparams) == dict(
+        source=str(corpus), tokenizer="byte", block_size=256, batch_size=3, val_fraction=0.1,
+        val_batches=20, cache_dir=str(tmp_path / "cache"), seed=5, num_workers=0,
+    )  # fmt: skip

@@ -12,20 +12,19 @@ import torch._dynamo.testing
 import torch.nn as nn
 
 from minigpt.attention import attention
-from minigpt.timing import AttentionTimer, AttentionTimingCallback
+from minigpt.timing import AttentionTimer, AttentionTimingCallback, attach_timer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class ToyAttention(nn.Module):
-    """The attention hook of minigpt.model in brief: projection, timer(self._attend, q, k, v), output."""
+    """The attention layer of minigpt.model in brief: projection, self._attend(q, k, v), output."""
 
     def __init__(self, backend: str = "sdpa", n_embd: int = 32, n_head: int = 4, n_kv_head: int = 2):
         super().__init__()
         self.backend, self.H, self.H_kv, self.D = backend, n_head, n_kv_head, n_embd // n_head
         self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.D)
         self.c_proj = nn.Linear(n_embd, n_embd)
-        self.timer = None
 
     def _attend(self, q, k, v):
         return attention(q, k, v, self.backend)
@@ -37,7 +36,7 @@ class ToyAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, H_kv, D).transpose(1, 2)
-        y = self.timer(self._attend, q, k, v) if self.timer is not None else self._attend(q, k, v)
+        y = self._attend(q, k, v)
         return x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -46,20 +45,21 @@ class Toy(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([ToyAttention(backend) for _ in range(n_layer)])
 
-    def set_attention_timer(self, timer):
-        for layer in self.layers:
-            layer.timer = timer
-
     def forward(self, x):
         for layer in self.layers:
             x = layer(x)
         return x
 
 
+def timer_attached(layer: nn.Module) -> bool:
+    """Whether attach_timer routes the layer's attention through a timer now."""
+    return "_attend" in vars(layer)
+
+
 def make(n_layer=3, backend="sdpa", seed=0):
     torch.manual_seed(seed)
     model, timer = Toy(n_layer, backend), AttentionTimer()
-    model.set_attention_timer(timer)
+    attach_timer(model, timer)
     return model, timer, torch.randn(2, 16, 32)
 
 
@@ -116,7 +116,7 @@ def test_timed_model_computes_the_same_outputs_and_gradients(backend):
     grads_timed = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
     model.zero_grad()
     x.grad = None
-    model.set_attention_timer(None)
+    attach_timer(model, None)
     out = model(x)
     out.square().sum().backward()
     grads = [p.grad for p in model.parameters()] + [x.grad]
@@ -155,7 +155,7 @@ def test_brackets_exactly_the_attention_forward_and_its_gradient():
     torch.manual_seed(0)
     model, timer = Toy(n_layer=2), AttentionTimer()
     model.layers = nn.ModuleList([SlowAttention() for _ in range(2)])
-    model.set_attention_timer(timer)
+    attach_timer(model, timer)
     timer.start_step(0)
     model(torch.randn(2, 16, 32)).sum().backward()
     timer.end_step()
@@ -199,7 +199,7 @@ def test_gpt_with_timer(backend):
         )
     )
     timer = AttentionTimer()
-    model.set_attention_timer(timer)
+    attach_timer(model, timer)
     idx = torch.randint(0, 64, (2, 32))
     timer.start_step(0)
     _, loss = model(idx, idx)
@@ -239,7 +239,7 @@ class Spy:
         self.module, self.installed = module, []
 
     def __call__(self, *args):
-        self.installed.append(self.module.model.layers[0].timer is not None)
+        self.installed.append(timer_attached(self.module.model.layers[0]))
 
 
 @pytest.mark.parametrize(
@@ -285,7 +285,7 @@ def test_callback_logs_the_timed_optimizer_steps(tmp_path, every, log_every, tim
         assert share == pytest.approx((fwd + bwd) / step_ms)
     # installed for the timed steps only (2 micro-batches each), removed at the end
     assert spy.installed == [s in timed for s in range(4) for _ in range(2)]
-    assert all(layer.timer is None for layer in module.model.layers)
+    assert not any(timer_attached(layer) for layer in module.model.layers)
     if compiled:  # timed steps ran eagerly: one graph, never recompiled with breaks at the attention calls
         assert counter.frame_count == 1
         torch.compiler.reset()
@@ -312,7 +312,7 @@ def tiny_args(out_dir: Path, data_cache: Path) -> list[str]:
         "--trainer.log_every_n_steps", "1",
         "--trainer.accelerator", "cpu",
         "--data.cache_dir", str(data_cache),
-        "--out_dir", str(out_dir),
+        "--trainer.default_root_dir", str(out_dir),
         "--wandb_mode", "offline",
     ]  # fmt: skip
 

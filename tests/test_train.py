@@ -5,8 +5,10 @@ temporary folders. One 30-step run serves several tests.
 """
 
 import csv
+import json
 import math
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -72,7 +74,7 @@ def tiny_args(workdir: Path, *extra: str) -> list[str]:
         "--config", TINY,
         "--data.source", str(workdir / "corpus.txt"),
         "--data.cache_dir", str(workdir / "data"),
-        "--out_dir", str(workdir / "runs"),
+        "--trainer.default_root_dir", str(workdir / "runs"),
         "--wandb_mode", "offline",
         "--trainer.enable_progress_bar", "false",
         *extra,
@@ -144,6 +146,11 @@ def test_wandb_offline_run_holds_keys_and_config(tiny_run):
     assert config["attention_backend"] == '"sdpa"'
     assert config["torch_version"] == f'"{torch.__version__}"'
     assert {"triton_version", "device", "n_layer", "learning_rate"} <= config.keys()
+    # the whole resolved config: the data module's settings and the trainer's too
+    data_and_run = {"batch_size", "source", "tokenizer", "val_batches", "seed_everything", "run_name"}
+    assert data_and_run <= config.keys()
+    assert json.loads(config["trainer"])["max_steps"] == 30
+    assert json.loads(config["batch_size"]) == 8
 
 
 def test_resume_continues_the_same_trajectory(tiny_run, workdir):
@@ -166,6 +173,20 @@ def test_resume_continues_the_same_trajectory(tiny_run, workdir):
     assert len(folders) == 2 and len(run_ids) == 1, (folders, run_ids)
 
 
+def test_muon_run_resumes_the_same_trajectory(workdir):
+    """optimizer muon (Muon with AdamW as one optimizer): a run resumed at step 6 continues the straight
+    run's losses, so both optimizers' states travel in the checkpoint."""
+    args = tiny_args(workdir, "--model.optimizer", "muon", "--model.lr_decay_steps", "12")
+    main([*args, "--run_name", "muon-straight", "--trainer.max_steps", "12"])
+    main([*args, "--run_name", "muon-resumed", "--trainer.max_steps", "6"])
+    main([*args, "--run_name", "muon-resumed", "--trainer.max_steps", "12", "--ckpt_path", "last"])
+    straight = read_metric(workdir / "runs" / "muon-straight", "train/loss")
+    resumed = read_metric(workdir / "runs" / "muon-resumed", "train/loss")
+    assert sorted(resumed) == sorted(straight) == list(range(12))
+    assert straight[11] < straight[0]
+    assert max(abs(resumed[s] - straight[s]) for s in range(12)) < 1e-5
+
+
 def test_resume_keeps_the_schedule_of_the_run(workdir):
     """A run resumed with a larger max_steps keeps decaying to the first leg's horizon (no jump of the
     learning rate back up the cosine); lr_decay_steps would set another."""
@@ -182,13 +203,14 @@ def test_last_checkpoint_at_the_end_and_after_the_run_folder_moves(workdir, tmp_
     """last.ckpt also holds the steps after the last validation; a run folder moved elsewhere resumes into
     the same two files (last.ckpt and one best-step=N.ckpt), so a second resume continues the newest."""
     first = tmp_path / "first"
-    main(tiny_args(workdir, "--out_dir", str(first), "--run_name", "r", "--trainer.max_steps", "15"))
+    main(tiny_args(workdir, "--trainer.default_root_dir", str(first), "--run_name", "r",
+                   "--trainer.max_steps", "15"))  # fmt: skip
     checkpoints = first / "r" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 15
     moved = tmp_path / "moved"
     shutil.move(first, moved)
-    main(tiny_args(workdir, "--out_dir", str(moved), "--run_name", "r", "--trainer.max_steps", "30",
-                   "--ckpt_path", "last"))  # fmt: skip
+    main(tiny_args(workdir, "--trainer.default_root_dir", str(moved), "--run_name", "r",
+                   "--trainer.max_steps", "30", "--ckpt_path", "last"))  # fmt: skip
     checkpoints = moved / "r" / "checkpoints"
     names = sorted(p.name for p in checkpoints.iterdir())
     assert names == ["best-step=30.ckpt", "last.ckpt"], names
@@ -271,56 +293,102 @@ def test_step_logging_off(workdir):
     assert not any(r.get("train/loss") or r.get("attn/fwd_ms") or r.get("perf/tokens_per_s") for r in rows)
 
 
+def one_line_error(capsys) -> str:
+    """The error a refused command printed: one line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
 def test_derived_keys_cannot_be_set(workdir, tmp_path, capsys):
     """model.block_size sets data.block_size and the tokenizer sets model.vocab_size: a value given for
     either would be dropped, so it is refused, in a config file as on the command line."""
     config = tmp_path / "derived.yaml"
     config.write_text("data:\n  block_size: 16\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(tiny_args(workdir, "--config", str(config)))
-    assert "data.block_size cannot be set: model.block_size sets it" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "data.block_size cannot be set: model.block_size sets it" in one_line_error(capsys)
     with pytest.raises(SystemExit):
         main(tiny_args(workdir, "--model.vocab_size=100"))
-    assert "model.vocab_size cannot be set" in capsys.readouterr().err
+    assert "model.vocab_size cannot be set" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--model.learning_rate", "0", "learning_rate=0.0 must be > 0"),
-        ("--model.min_lr", "0.01", "min_lr=0.01 must lie in"),
-        ("--model.lr_decay_steps", "3", "lr_decay_steps=3 must be None or > warmup_steps=5"),
+        ("--model.learning_rate", "0", "learning_rate=0.0: must be > 0"),
+        ("--model.min_lr", "0.01", "min_lr=0.01: must lie in"),
+        ("--model.lr_decay_steps", "3", "lr_decay_steps=3: must be None or > warmup_steps=5"),
+        ("--model.n_embd", "65", "n_embd=65: must be divisible by n_head=2"),
+        ("--model.attention", "flash", 'Parser key "model.attention"'),
+        ("--data.tokenizer", "bpe-3", "tokenizer='bpe-3' is not known; allowed: byte | gpt2 | bpe-N"),
+        ("--data.source", "no/such/file.txt", "the path does not exist; allowed: 'shakespeare'"),
+        ("--trainer.max_steps", "-1", "trainer.max_steps=-1: the learning-rate schedule needs an end"),
     ],
 )
-def test_bad_schedule_fails_before_training(workdir, flag, value, message):
-    with pytest.raises(ValueError, match=message):
-        main(tiny_args(workdir, "--run_name", "bad-schedule", flag, value))
-    assert not (workdir / "runs" / "bad-schedule" / "checkpoints").exists()
+def test_a_bad_value_fails_in_one_line_before_training(workdir, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(workdir, "--run_name", "bad-value", flag, value))
+    assert e.value.code == 2
+    assert message in one_line_error(capsys)
+    assert not (workdir / "runs" / "bad-value").exists(), "a refused run leaves no run folder"
+
+
+def test_a_value_error_prints_no_traceback(workdir):
+    """The command as a user runs it: one line, exit status 2."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *tiny_args(workdir, "--model.n_embd", "65")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == "train.py: error: n_embd=65: must be divisible by n_head=2"
+
+
+def test_a_non_utf8_source_names_the_file_and_leaves_no_cache(workdir, tmp_path, capsys):
+    source = tmp_path / "binary.txt"
+    source.write_bytes(b"Romeo: " * 100 + b"\xff\xfe" + b"more")
+    cache = tmp_path / "data"
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(workdir, "--data.source", str(source), "--data.cache_dir", str(cache)))
+    assert e.value.code == 2
+    error = one_line_error(capsys)
+    assert f"{source} is not UTF-8 text: byte 700 (0xff)" in error, error
+    assert not cache.exists() or not any(cache.iterdir()), list(cache.iterdir())
 
 
 def test_unknown_config_key_fails_clearly(workdir, capsys):
     with pytest.raises(SystemExit) as e:
         main(tiny_args(workdir, "--model.n_layers", "3"))
-    assert e.value.code != 0
-    assert "n_layers" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "n_layers" in one_line_error(capsys)
 
 
 def test_missing_checkpoint_fails_clearly(workdir, capsys):
     with pytest.raises(SystemExit) as e:
         main(tiny_args(workdir, "--run_name", "never-trained", "--ckpt_path", "last"))
-    assert e.value.code != 0
-    err = capsys.readouterr().err
-    assert "no checkpoint at" in err and str(Path("never-trained") / "checkpoints" / "last.ckpt") in err
+    assert e.value.code == 2
+    error = one_line_error(capsys)
+    assert "--ckpt_path last: no checkpoint in " in error
+    assert str(Path("never-trained", "checkpoints")) in error
     with pytest.raises(SystemExit):
         main(tiny_args(workdir, "--ckpt_path", str(workdir / "nope.ckpt")))
-    assert "nope.ckpt: no such checkpoint file" in capsys.readouterr().err
+    assert "nope.ckpt: no such checkpoint file" in one_line_error(capsys)
+    not_a_checkpoint = workdir / "corpus.txt"
+    with pytest.raises(SystemExit):
+        main(tiny_args(workdir, "--run_name", "from-text", "--ckpt_path", str(not_a_checkpoint)))
+    assert "corpus.txt: not a readable checkpoint" in one_line_error(capsys)
 
 
 def test_a_new_run_never_replaces_an_old_one_unasked(tiny_run, workdir, capsys):
     with pytest.raises(SystemExit) as e:
         main(tiny_args(workdir, "--run_name", "straight"))
-    assert e.value.code != 0
-    err = capsys.readouterr().err
+    assert e.value.code == 2
+    err = one_line_error(capsys)
     assert "already holds a run" in err and "--ckpt_path last" in err and "--overwrite true" in err
     assert (tiny_run / "checkpoints" / "last.ckpt").is_file(), "the old run's checkpoints are kept"
 
@@ -331,13 +399,18 @@ def test_another_runs_checkpoint_needs_a_run_folder_of_its_own(tiny_run, workdir
     metrics = (tiny_run / "metrics.csv").read_text()
     with pytest.raises(SystemExit):
         main(tiny_args(workdir, "--run_name", "straight", "--ckpt_path", str(other)))
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a run" in one_line_error(capsys)
     assert (tiny_run / "metrics.csv").read_text() == metrics, "the old run's metrics are kept"
 
 
-def test_resume_on_another_data_seed_fails_clearly(tiny_run, workdir):
-    with pytest.raises(ValueError, match="data.seed=7"):
+def test_a_checkpoint_that_does_not_fit_fails_clearly(tiny_run, workdir, capsys):
+    last = str(tiny_run / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit):
         main(tiny_args(workdir, "--run_name", "straight", "--ckpt_path", "last", "--data.seed", "7"))
+    assert "data.seed=7, but the checkpoint was trained with data.seed=1337" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        main(tiny_args(workdir, "--run_name", "wider", "--ckpt_path", last, "--model.n_embd", "32"))
+    assert "its model has n_embd=64, this config model.n_embd=32" in one_line_error(capsys)
 
 
 def test_print_config_shows_every_section(capsys):
@@ -346,9 +419,141 @@ def test_print_config_shows_every_section(capsys):
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
     keys = ("seed_everything:", "trainer:", "max_steps: 30", "model:", "learning_rate:", "time_attention:",
-            "data:", "block_size: 32", "run_name:", "wandb_mode:", "ckpt_path:")
+            "n_layer: 2", "attention: auto", "data:", "block_size: 32", "run_name:", "wandb_mode:",
+            "ckpt_path:", "default_root_dir: runs")  # fmt: skip
     for key in keys:
         assert key in out, f"{key!r} not in --print_config output"
+
+
+def test_without_a_config_the_cpu_config_is_the_default(workdir, tmp_path, monkeypatch, capsys):
+    """No --config and no CUDA: configs/shakespeare_cpu.yaml, said in the first line printed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--print_config"])
+    out = capsys.readouterr().out
+    assert "n_layer: 4" in out and "n_embd: 128" in out and "max_steps: 2000" in out, out
+    main(["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.val_batches", "1",
+          "--data.source", str(workdir / "corpus.txt"), "--data.cache_dir", str(workdir / "data"),
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--wandb_mode", "disabled",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    from minigpt.cli import shown
+
+    first = capsys.readouterr().out.splitlines()[0]
+    run = tmp_path / "runs" / "shakespeare_cpu-sdpa"
+    config = shown(ROOT / "configs" / "shakespeare_cpu.yaml")  # relative to the working folder, if below it
+    assert first == f"train.py: {config} (the default without CUDA), attention sdpa, run folder {run}"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_gpu_sized_config_on_a_cpu_warns_once(workdir, tmp_path, monkeypatch, capsys):
+    import minigpt.cli
+
+    monkeypatch.setattr(minigpt.cli, "seconds_per_step_on_cpu", lambda model, tokens: 3.0 * 3600)
+    main(tiny_args(workdir, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2",
+                   "--wandb_mode", "disabled"))  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "sized for a GPU" in line]
+    assert len(warnings) == 1, warnings
+    assert "its 2 steps would take about 6.0 h on this CPU" in warnings[0]
+    assert "python train.py --config configs/shakespeare_cpu.yaml" in warnings[0] or str(
+        ROOT / "configs" / "shakespeare_cpu.yaml"
+    ) in warnings[0]
+
+
+def test_default_root_dir_holds_the_run(workdir, tmp_path, monkeypatch, capsys):
+    """--trainer.default_root_dir is the folder of the run folders: checkpoints, metrics, wandb and the
+    config all go there, nothing into the working folder; the end names the sample command, which runs."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    main(tiny_args(workdir, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "3",
+                   "--run_name", "r"))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+    run = root / "r"
+    assert {"config.yaml", "metrics.csv", "checkpoints", "wandb"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("run folder elsewhere/r")
+    sample_command = "python -m minigpt.sample --ckpt elsewhere/r/checkpoints/last.ckpt"
+    assert out[-1] == f"sample from this run: {sample_command}"
+    from minigpt.sample import main as sample
+
+    command = shlex.split(out[-1].removeprefix("sample from this run: "))
+    (text,) = sample([*command[3:], "--max_new_tokens", "5", "--no_progress"])
+    assert len(text) >= 6
+
+
+def test_validate_reports_the_val_loss_of_a_checkpoint(tiny_run, workdir, capsys):
+    """`validate` takes the model and data settings from the checkpoint: the val loss is the one the run
+    logged at that step."""
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    main(["validate", "--ckpt_path", str(last)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"train.py validate: {last} (step 30), attention sdpa")
+    report = lines[-1]
+    loss = read_metric(tiny_run, "val/loss")[29]
+    assert report.startswith(f"val/loss {loss:.4f}, perplexity {math.exp(loss):.2f} ("), report
+    assert "step 30; 4 batches of 8 x 32 tokens" in report
+    with pytest.raises(SystemExit) as e:
+        main(["validate"])
+    assert e.value.code == 2 and "validate needs --ckpt_path" in one_line_error(capsys)
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(workdir, monkeypatch):
+    """Killed while writing its first checkpoint, a run leaves metrics and a partial checkpoint file but no
+    checkpoint: the same command starts it over, and it finishes."""
+    from minigpt.cli import AtomicCheckpointIO
+
+    class Killed(Exception):
+        pass
+
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def killed_mid_write(self, checkpoint, path, storage_options=None):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{path}.tmp").write_bytes(b"PK\x03\x04 cut short")
+        raise Killed
+
+    args = tiny_args(workdir, "--run_name", "killed-early", "--trainer.max_steps", "12",
+                     "--wandb_mode", "disabled")  # fmt: skip
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", killed_mid_write)
+    with pytest.raises(Killed):
+        main(args)
+    run = workdir / "runs" / "killed-early"
+    assert (run / "metrics.csv").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-step=10.ckpt.tmp"]
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    assert main(args).global_step == 12
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-step=10.ckpt", "last.ckpt"]
+    assert sorted(read_metric(run, "train/loss")) == list(range(12)), "the metrics of the one run"
+
+
+def test_ckpt_path_last_takes_the_best_checkpoint_when_it_is_newest(tiny_run, workdir):
+    """Killed after best-step=20.ckpt was written but before last.ckpt: --ckpt_path last resumes from the
+    best checkpoint, and the run continues the straight run's trajectory."""
+    args = tiny_args(workdir, "--run_name", "best-newest", "--model.lr_decay_steps", "30",
+                     "--wandb_mode", "disabled")  # fmt: skip
+    main([*args, "--trainer.max_steps", "20"])
+    checkpoints = workdir / "runs" / "best-newest" / "checkpoints"
+    straight_val = read_metric(tiny_run, "val/loss")
+    assert straight_val[19] < straight_val[9], "the validation at step 20 is the best so far"
+    (checkpoints / "last.ckpt").unlink()
+    assert main([*args, "--trainer.max_steps", "30", "--ckpt_path", "last"]).global_step == 30
+    resumed, straight = read_metric(checkpoints.parent, "train/loss"), read_metric(tiny_run, "train/loss")
+    assert sorted(resumed) == list(range(30))
+    assert max(abs(resumed[s] - straight[s]) for s in range(30)) < 1e-5
+
+
+def test_no_files_are_left_in_the_temp_folder(workdir, tmp_path):
+    """A whole run (checkpoints, CSV and offline wandb logs) as a user runs it, with its own temp folder."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    args = tiny_args(workdir, "--trainer.default_root_dir", str(tmp_path / "runs"),
+                     "--trainer.max_steps", "12")  # fmt: skip
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, env=env, timeout=600,
+                   capture_output=True)  # fmt: skip
+    assert (tmp_path / "runs" / "tiny-sdpa" / "checkpoints" / "last.ckpt").is_file()
+    left = [p for p in temp.rglob("*") if not p.is_dir()]
+    assert left == [], left
 
 
 @pytest.mark.gpu
@@ -363,7 +568,7 @@ def test_triton_and_sdpa_train_alike(tmp_path):
             "--model.attention", backend, "--model.dropout", "0",
             "--trainer.max_steps", "200", "--trainer.val_check_interval", "100", "--data.val_batches", "20",
             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--data.cache_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "runs"),
+            "--data.cache_dir", str(tmp_path / "data"), "--trainer.default_root_dir", str(tmp_path / "runs"),
             "--wandb_mode", "disabled",
         ])  # fmt: skip
         losses[backend] = read_metric(tmp_path / "runs" / f"shakespeare_char-{backend}", "train/loss")
@@ -407,7 +612,8 @@ def straight_and_resumed(workdir: Path, tmp_path: Path, *launch: str, env: dict 
     (devices, strategy); returns the two run folders."""
 
     def train(name: str, *extra: str) -> Path:
-        args = tiny_args(workdir, "--out_dir", str(tmp_path), "--run_name", name, "--wandb_mode", "disabled")
+        args = tiny_args(workdir, "--trainer.default_root_dir", str(tmp_path), "--run_name", name,
+                         "--wandb_mode", "disabled")  # fmt: skip
         args += [*launch, "--trainer.val_check_interval", "3", "--model.lr_decay_steps", "10", *extra]
         subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, env=env, timeout=600,
                        capture_output=True)  # fmt: skip
