@@ -24,6 +24,7 @@ https://crfm.stanford.edu/2023/10/12/flashdecoding.html, and ``flash_attn_with_k
 https://github.com/Dao-AILab/flash-attention.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128  # as kernels.flash_attention
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -264,6 +265,11 @@ def _check(q, k_cache, v_cache, cache_seqlens, sm_scale, num_splits):
                          f"(cpu with TRITON_INTERPRET=1)")
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and 0 < sm_scale < math.inf):
         raise ValueError(f"decode_attention: sm_scale={sm_scale!r} must be a positive number or None")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):  # the kernels add offsets in int32
+        span = sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) + 1
+        if span >= 2**31:
+            raise ValueError(f"decode_attention: {name} spans {span} elements within one sequence (shape "
+                             f"{tuple(t.shape)}, strides {tuple(t.stride())}); the kernel addresses at most 2**31")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"decode_attention: num_splits={num_splits!r} must be a positive integer or None")
 
@@ -306,17 +312,19 @@ def decode_attention(
     else:
         part_out = part_lse = out  # unused
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    _decode_slice[(programs, splits)](
-        q, k_cache, v_cache, cache_seqlens, out, part_out, part_lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        cache_seqlens.stride(0), H_kv, group, T, S, keys_per_split, splits, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=NUM_WARPS, num_stages=stages,
-    )
-    if splits > 1:
-        _decode_merge[(B * H * T,)](
-            part_out, part_lse, out, *out.stride(), H, T, splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+    # Triton launches on the current device: make the inputs' current for the launches
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _decode_slice[(programs, splits)](
+            q, k_cache, v_cache, cache_seqlens, out, part_out, part_lse,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            cache_seqlens.stride(0), H_kv, group, T, S, keys_per_split, splits, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=NUM_WARPS, num_stages=stages,
         )
+        if splits > 1:
+            _decode_merge[(B * H * T,)](
+                part_out, part_lse, out, *out.stride(), H, T, splits,
+                HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+            )
     return out

@@ -523,7 +523,12 @@ def _grad_order(strides) -> tuple:
     """The memory order of the gradient of a (B, H, T, D) tensor with ``strides``: B, H and T in the
     tensor's order (ties keep B, H, T), D innermost. q, k, v are often (B, T, H, D) views of one projection:
     gradients in that order let the projection's backward gather them without a transpose (NOTES v8)."""
-    return (*sorted(range(3), key=lambda d: -strides[d]), 3)
+    order = [0, 1, 2]  # sorted by descending stride, written out: torch.compile traces this with symbolic
+    for i in (1, 2):  # strides, which sorted() with a key cannot take
+        while i > 0 and strides[order[i - 1]] < strides[order[i]]:
+            order[i - 1], order[i] = order[i], order[i - 1]
+            i -= 1
+    return (*order, 3)
 
 
 def _grad_like(t: torch.Tensor, dtype=None) -> torch.Tensor:

@@ -58,7 +58,7 @@ def fit(kernel: str, tile: tuple, block_d: int, element_size: int, limit: int) -
     while shared_memory(kernel, bm, bn, block_d, stages) * element_size > limit:
         if stages > 1:
             stages -= 1
-        elif bn > 32 and (kernel != "dkdv" or bm <= 16):
+        elif bn > 32 and (kernel not in ("dkdv", "dkdv_atomic") or bm <= 16):
             bn //= 2
         elif bm > 16:
             bm //= 2

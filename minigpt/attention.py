@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 try:  # imported with this module, never inside a torch.compile trace (a traced import can break the graph)
+    from kernels.decode import decode_attention as decode_kernel
     from kernels.flash_attention import flash_attention
 except ImportError:  # no Triton (its wheels are Linux-only): the other backends still work
-    flash_attention = None
+    decode_kernel = flash_attention = None
 
 Backend = Literal["auto", "triton", "sdpa", "naive"]
 BACKENDS = get_args(Backend)
@@ -118,8 +119,8 @@ def decode_attention(
     """
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
-        from kernels.decode import decode_attention as decode_kernel  # imported on first use, as above
-
+        if decode_kernel is None:
+            raise ValueError("attention backend 'triton' needs the triton package; allowed here: sdpa, naive")
         return decode_kernel(q, k_cache, v_cache, lengths)
 
     B, H, T, D = q.shape

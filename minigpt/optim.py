@@ -37,7 +37,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def param_groups(self) -> list[dict]:
         if self.muon is None:  # inside the base class's __init__: its own list, dropped afterwards
             return self._init_groups
-        return self.muon.param_groups + self.adamw.param_groups
+        return self.adamw.param_groups + self.muon.param_groups  # AdamW's first: train/lr is learning_rate's
 
     @param_groups.setter
     def param_groups(self, groups: list[dict]) -> None:

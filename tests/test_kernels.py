@@ -419,6 +419,23 @@ def test_compile_fullgraph_through_the_model_entry_point():
     torch._dynamo.reset()
 
 
+def test_compile_fullgraph_with_dynamic_lengths():
+    """A new sequence length makes TorchDynamo trace with symbolic sizes and strides: the input checks and
+    the gradients' layout must still trace as one graph (no sort with a key, no data-dependent branch)."""
+    attention = pytest.importorskip("minigpt.attention").attention
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, "triton"), fullgraph=True,
+                             backend="aot_eager", dynamic=True)
+    for T in (16, 24):
+        q, k, v = make_qkv(1, 4, 2, T, T, 16, torch.float32, "fused")
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = compiled(q, k, v)
+        out.sum().backward()
+        torch.testing.assert_close(out, flash_attention(q, k, v), atol=0, rtol=0)
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+    torch._dynamo.reset()
+
+
 def test_opcheck():
     """torch.library's own checks: schema, fake tensors (shapes and strides), autograd registration."""
     q, k, v = make_qkv(1, 2, 1, 17, 17, 16, torch.float32, "fused")
