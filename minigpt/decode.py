@@ -53,9 +53,10 @@ class Decoder:
     """Generates from a GPT with a static KV cache and, on CUDA, a decode step captured as a CUDA graph.
 
     The sampling settings are fixed for the decoder's life (they are part of the captured step); see
-    minigpt.model.sample for their meaning. One decoder serves any number of generate() calls of one batch
-    size; the graph is captured at the first decode step and replayed after. graph: capture the step
-    (default: on CUDA); False runs the same step eagerly.
+    minigpt.model.sample for their meaning. One decoder serves any number of generate() calls; the graph is
+    captured at the first decode step and replayed after, until the batch size, the autocast setting or the
+    model's weights (moved or cast: new memory) change, which make new buffers and a new graph. graph:
+    capture the step (default: on CUDA); False runs the same step eagerly.
     """
 
     def __init__(
@@ -79,12 +80,20 @@ class Decoder:
             raise ValueError(f"graph=True needs a model on CUDA, got one on {self.device}")
         self.sampling = (temperature, top_k, top_p, generator)
         self.use_graph = self.device.type == "cuda" if graph is None else graph
-        self.batch_size = 0  # buffers are made by the first generate()
+        self.signature = None  # what the buffers and the graph were made for; the first generate() sets it
 
-    def _allocate(self, B: int):
-        """The step's device buffers for batch size B; a new batch size drops the captured graph."""
+    def _signature(self, B: int) -> tuple:
+        """What the buffers and the captured graph depend on: the batch size, the dtype the step computes
+        in, and where the weights live (a captured graph reads them at the addresses it saw)."""
+        kind = self.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        weight = self.model.lm_head.weight
+        return B, autocast, weight.dtype, weight.data_ptr()
+
+    def _allocate(self, signature: tuple):
+        """The step's device buffers for ``signature`` (see _signature); drops the captured graph."""
         block_size = self.model.config.block_size
-        self.batch_size = B
+        self.signature, B = signature, signature[0]
         # the sequence as the cache holds it, plus the newest sampled token (not yet in the cache)
         self.tokens = torch.zeros(B, block_size + 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # slot of the newest token
@@ -113,8 +122,9 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if block_size < 2:
             raise ValueError(f"block_size={block_size}: generating with a KV cache needs block_size >= 2")
-        if idx.size(0) != self.batch_size:
-            self._allocate(idx.size(0))
+        signature = self._signature(idx.size(0))
+        if signature != self.signature:
+            self._allocate(signature)
 
         was_training = self.model.training
         self.model.eval()

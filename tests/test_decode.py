@@ -184,6 +184,20 @@ def test_greedy_static_cache_equals_uncached(backend, options):
     assert torch.equal(static, uncached)
 
 
+def test_decoder_reused_under_another_precision_or_weights_makes_new_buffers():
+    """One decoder, three calls: under bf16 autocast, then without it, then after the weights moved to new
+    memory (a cast). Each call gives the tokens a fresh decoder gives in the same setting."""
+    model = make_model("sdpa", **MODERN)
+    idx = prompt(2, 4)
+    decoder = Decoder(model, temperature=0.0, graph=False)
+    fresh = lambda: Decoder(model, temperature=0.0, graph=False).generate(idx, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(decoder.generate(idx, 6), fresh())
+    assert torch.equal(decoder.generate(idx, 6), fresh())
+    model.double()
+    assert torch.equal(decoder.generate(idx, 6), fresh())
+
+
 def test_refill_past_block_size_follows_the_sampling_rule():
     """Past block_size the decoder refills from the last block_size // 2 tokens, as python -m
     minigpt.sample does on the CPU (generate() calls there, each with a fresh growing cache)."""
