@@ -32,7 +32,7 @@ want() { [[ ,$what, == *,$1,* ]]; }
 status=0
 if want tests; then
   timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-    tests/test_kernels.py tests/test_bench.py tests/test_unfused.py tests/test_attention.py 2>&1 | tee "$OUT/tests.log"
+    tests/test_kernels.py tests/test_decode.py tests/test_bench.py tests/test_unfused.py tests/test_attention.py 2>&1 | tee "$OUT/tests.log"
   status=${PIPESTATUS[0]}
 fi
 if want train; then

@@ -14,7 +14,8 @@ per (query block, head); at decode there is one query per head and the work is r
    are the rows of one query tile, so each K and V tile is read once per kv head, not once per query head.
 2. Split-KV: B * H_kv programs cannot fill a GPU's SMs when the batch is small, so the keys are cut into
    ``num_splits`` slices, one program each. A program returns its slice's softmax-weighted values with
-   their log-sum-exp; a second kernel merges the slices, weighting each by exp(lse_slice - lse_total).
+   their log-sum-exp (in base 2, as the kernels' exp2 works); a second kernel merges the slices, weighting
+   each by exp2(lse_slice - lse_total).
 3. The lengths are read on the GPU, so one launch serves every step and can be captured in a CUDA graph.
    The number of splits is chosen on the host from the cache's capacity S_max, never from the lengths
    (reading them would make the host wait for the GPU); slices past a sequence's length exit at once.
