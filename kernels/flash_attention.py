@@ -159,8 +159,8 @@ def _query_block(H, GROUP, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 def _key_band(start_m, S, diag, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split the keys of the query block at ``start_m``: [0, band_lo) is seen by every row (no mask),
     [band_lo, band_hi) is masked, keys from band_hi on are never loaded. Causal: band_lo is the first key
-    block that crosses the diagonal (offset by diag = S - T), band_hi the last key the last row sees.
-    Otherwise: the full key blocks, then the ragged tail."""
+    block that crosses the diagonal (offset by diag = S - T), band_hi one past the last key the last row
+    sees. Otherwise: the full key blocks, then the ragged tail."""
     if IS_CAUSAL:
         band_lo = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
         band_hi = tl.maximum(tl.minimum(start_m + BLOCK_M + diag, S), band_lo)
@@ -305,7 +305,9 @@ def _attn_bwd_dkdv_inner(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Add query blocks [lo, hi) of one head to dK, dV of the key block held. Tiles are transposed (keys x
-    queries), so P^T and dS^T come out in the shape the dV and dK products take. MASKED: on the band."""
+    queries), so P^T and dS^T come out in the shape the dV and dK products take. MASKED: on the causal
+    band (the only masked part: without a causal mask the caller passes no band, and keys past S load as
+    zeros whose gradients the masked stores drop)."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         # Query rows past T load q = dO = 0 and LSE = +inf, so their column of P^T is exactly 0.
