@@ -66,7 +66,6 @@ _empty_strided = torch.empty_strided
 
 # ----------------------------------------------------------------------------------------------------
 # Shared pieces: tile loads and stores, the dropout mask, the order programs start in, the causal band
-# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_tile(base, rows, n_rows, stride_r, cols, n_cols, stride_c, CHECK_ROWS: tl.constexpr,
                CHECK_COLS: tl.constexpr):
@@ -172,7 +171,6 @@ def _key_band(start_m, S, diag, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Forward: O and the LSE per row, the T x S scores a tile at a time in registers
-# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -507,7 +505,6 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, T: int, S: int, dropou
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Launchers: allocate outputs in the layouts callers want, pick tiles, launch through kernel[grid](...)
-# ----------------------------------------------------------------------------------------------------
 def _dense_strides(shape, order) -> list[int]:
     """The strides of a dense tensor whose dimensions lie in memory in ``order``, outermost first."""
     strides, step = [0] * len(shape), 1
@@ -612,7 +609,6 @@ def _backward_impl(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, d
 
 # ----------------------------------------------------------------------------------------------------
 # 4. Autograd: a Function for eager calls, custom ops for torch.compile; both run the launchers above
-# ----------------------------------------------------------------------------------------------------
 def _save_for_backward(ctx, q, k, v, causal, sm_scale, dropout_p, seed, out, lse) -> None:
     ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
@@ -684,7 +680,6 @@ _forward_op.register_autograd(  # the LSE output only serves the backward: it ge
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Input validation (a clear error before any launch) and the public entry point
-# ----------------------------------------------------------------------------------------------------
 def _validate(q, k, v, causal, sm_scale, dropout_p) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
