@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
-MAX_HEAD_DIM = 128  # as kernels.flash_attention
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the training kernel's limits, and its base-2 scale (exp(x) = exp2(x * LOG2E))
+from kernels.flash_attention import _DTYPES as DTYPES
+from kernels.flash_attention import LOG2E, MAX_HEAD_DIM
 
 
 # ----------------------------------------------------------------------------------------------------

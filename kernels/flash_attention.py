@@ -568,8 +568,8 @@ def _forward_impl(q, k, v, causal: bool, sm_scale: float, dropout_p: float, seed
 
 
 def _use_atomic_dq(block_d: int, T: int, S: int) -> bool:
-    """The atomic-dQ backward: at head dims above 64 beyond 1024 tokens, where it beat the split backward by
-    more than 5% on the kernel table at (2, 16, 8192, 128) (bench/NOTES.md v12); not under
+    """The atomic-dQ backward: at head dims above 64 beyond 1024 tokens, where it beat the split backward on
+    the kernel table by the margin bench/NOTES.md v12 records; not under
     torch.use_deterministic_algorithms(True)."""
     return block_d > 64 and max(T, S) > 1024 and not torch.are_deterministic_algorithms_enabled()
 
@@ -737,14 +737,16 @@ def _interpreting() -> bool:
 
 def _check_offsets(q, k, v) -> None:
     """Refuse layouts whose offsets within one (batch, head) slice reach 2**31 in a tensor the kernels
-    address: q, k, v, the output and the three gradients (see _INT32_OFFSETS)."""
-    for name, t_shape, strides in (
-        ("q", q.shape, q.stride()), ("k", k.shape, k.stride()), ("v", v.shape, v.stride()),
-        ("the output", q.shape, _dense_strides(q.shape, (0, 2, 1, 3))),
-        ("the gradient of q", q.shape, _dense_strides(q.shape, _grad_order(q.stride()))),
-        ("the gradient of k", k.shape, _dense_strides(k.shape, _grad_order(k.stride()))),
-        ("the gradient of v", v.shape, _dense_strides(v.shape, _grad_order(v.stride()))),
-    ):
+    address: q, k, v, the output and the three gradients (see _INT32_OFFSETS). A dense tensor spans fewer
+    elements than it holds, so the layouts of the output and the gradients are worked out only when large."""
+    checks = [("q", q.shape, q.stride()), ("k", k.shape, k.stride()), ("v", v.shape, v.stride())]
+    if q.numel() > _INT32_OFFSETS:
+        checks += [("the output", q.shape, _dense_strides(q.shape, (0, 2, 1, 3))),
+                   ("the gradient of q", q.shape, _dense_strides(q.shape, _grad_order(q.stride())))]
+    if k.numel() > _INT32_OFFSETS:
+        checks += [(f"the gradient of {name}", t.shape, _dense_strides(t.shape, _grad_order(t.stride())))
+                   for name, t in (("k", k), ("v", v))]
+    for name, t_shape, strides in checks:
         span = (t_shape[2] - 1) * strides[2] + (t_shape[3] - 1) * strides[3] + 1
         if span > _INT32_OFFSETS:
             raise ValueError(f"flash_attention: {name} spans {span} elements within one (batch, head) slice "

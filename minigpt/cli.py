@@ -213,8 +213,7 @@ def seconds_per_step_on_cpu(model: GPT, tokens_per_step: int) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
+    """Hours, for the CPU warning (given only for runs over LONG_ON_CPU_S)."""
     return f"{seconds / 3600:.0f} h" if seconds >= 10 * 3600 else f"{seconds / 3600:.1f} h"
 
 
