@@ -1,4 +1,5 @@
-"""Training callbacks: throughput and MFU, and a text sample after validation.
+"""Training callbacks: throughput and MFU, where the time before the first step goes, and a text sample
+after validation.
 
 Attention timing (``attn/*``, ``perf/step_ms``) lives in ``minigpt.timing``.
 
@@ -23,6 +24,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_info
 
 from minigpt.model import check_sampling
+from minigpt.module import seconds_since_launch
 
 # Dense bf16 peaks (FLOP/s) of GPUs that Lightning's table knows under other names only (it reads the
 # H200's only from names with "SXM1" or "NVL1"; torch reports "NVIDIA H200").
@@ -116,6 +118,52 @@ class ThroughputLogger(L.Callback):
         if self._start is not None and not trainer.sanity_checking:
             self._elapsed += self._now(pl_module) - self._start  # the clock pauses for validation
             self._start = None
+
+
+class StartupTimer(L.Callback):
+    """Logs where the time before training goes, once, at the end of the first optimizer step, in seconds
+    since the process started (``time/since_launch_s``'s clock):
+
+    - ``time/fit_start_s``: Python, the imports, the config, the data and the model are ready;
+    - ``time/sanity_check_s``: the sanity validation before training (with a compiled model, the first
+      compilation of its evaluation graph);
+    - ``time/first_step_s``: the first optimizer step is done (with a compiled model, the compilation of the
+      training graph and, under reduce-overhead, the recording of its CUDA graphs).
+
+    and prints them as one line. The GPU is synchronized once, at that step, to read the clock.
+    """
+
+    def __init__(self):
+        self._fit_start = self._sanity = None
+        self._done = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start, self._sanity, self._done = seconds_since_launch(), 0.0, False
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sanity = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self._sanity = time.perf_counter() - self._sanity
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        if self._done or trainer.global_step == 0:  # (still accumulating the first step's gradients)
+            return
+        self._done = True
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        first_step = seconds_since_launch()
+        metrics = {"time/fit_start_s": self._fit_start, "time/sanity_check_s": self._sanity,
+                   "time/first_step_s": first_step}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
+        step_s = max(0.0, first_step - self._fit_start - self._sanity)  # compiling, recording, the step
+        rank_zero_info(
+            f"first step done {first_step:.1f} s after launch: setup until {self._fit_start:.1f} s, sanity "
+            f"validation {self._sanity:.1f} s, then {step_s:.1f} s to the end of the first step"
+        )
 
 
 class SampleText(L.Callback):

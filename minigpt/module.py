@@ -156,10 +156,10 @@ class GPTModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The project's callbacks, except those the user configured under trainer.callbacks (Lightning
         would replace the user's with ours: e.g. AttentionTimingCallback(every_n_steps=1) must win)."""
-        from minigpt.callbacks import ThroughputLogger
+        from minigpt.callbacks import StartupTimer, ThroughputLogger
         from minigpt.timing import AttentionTimingCallback
 
-        wanted: list[L.Callback] = [ThroughputLogger()]
+        wanted: list[L.Callback] = [ThroughputLogger(), StartupTimer()]
         if self.hparams.time_attention:
             wanted.append(AttentionTimingCallback())
         configured = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()

@@ -1,10 +1,12 @@
-"""Callbacks of minigpt.callbacks whose checks run before training (the rest run in tests/test_train.py)."""
+"""Callbacks of minigpt.callbacks on their own (in training runs: tests/test_train.py)."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from minigpt.callbacks import SampleText
+from minigpt.callbacks import SampleText, StartupTimer
 from minigpt.tokenizer import load_tokenizer
 
 
@@ -29,3 +31,26 @@ def test_sample_text_refuses_a_prompt_that_fills_the_context_before_training():
     SampleText(prompt="ROMEO:").on_fit_start(trainer, module)  # 6 tokens: room for 2
     with pytest.raises(ValueError, match="the prompt is 8 tokens"):
         SampleText(prompt="ROMEO: O").on_fit_start(trainer, module)
+
+
+def test_startup_timer_logs_once_at_the_end_of_the_first_optimizer_step(caplog):
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(loggers=[logger], global_step=0)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    timer = StartupTimer()
+    timer.on_fit_start(trainer, module)
+    timer.on_sanity_check_start(trainer, module)
+    time.sleep(0.05)
+    timer.on_sanity_check_end(trainer, module)
+    timer.on_train_batch_end(trainer, module, None, None, 0)  # a micro-batch: no optimizer step yet
+    assert logged == []
+    for step in (1, 2):
+        trainer.global_step = step
+        timer.on_train_batch_end(trainer, module, None, None, step)
+    assert [step for step, _ in logged] == [0], "once, at the first step's row"
+    metrics = logged[0][1]
+    assert metrics.keys() == {"time/fit_start_s", "time/sanity_check_s", "time/first_step_s"}
+    assert 0.05 <= metrics["time/sanity_check_s"] < 5
+    assert 0 < metrics["time/fit_start_s"] < metrics["time/first_step_s"]
+    assert sum("first step done" in r.getMessage() for r in caplog.records) == 1

@@ -130,6 +130,13 @@ def test_csv_holds_the_logged_metrics(tiny_run):
     assert sorted(elapsed) == sorted(val) and len(val) == 3
     times = [elapsed[s] for s in sorted(elapsed)]
     assert 0 < times[0] < times[1] < times[2] < 600
+    # where the start-up went: logged once, at the first step, on the same clock (tiny.yaml has no sanity
+    # validation)
+    keys = ("fit_start_s", "sanity_check_s", "first_step_s")
+    startup = {key: read_metric(tiny_run, f"time/{key}") for key in keys}
+    assert all(list(metric) == [0] for metric in startup.values()), startup
+    fit_start, sanity, first_step = (startup[key][0] for key in keys)
+    assert 0 < fit_start < first_step < times[0] and sanity == 0
 
 
 def test_wandb_offline_run_holds_keys_and_config(tiny_run):
