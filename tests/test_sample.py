@@ -87,3 +87,28 @@ def test_a_triton_checkpoint_samples_on_the_cpu(checkpoint, tmp_path):
     torch.save(ckpt, path)
     model, _ = load_checkpoint(path, "cpu")
     assert {block.attn.backend for block in model.transformer.h} == {"sdpa"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_gpu_samples_through_the_captured_decoder(checkpoint, capsys, monkeypatch, attention):
+    """On CUDA the CLI samples with minigpt.decode.Decoder (static cache, captured step) for either
+    backend: the requested length past block_size (a refill), and the same text for the same seed."""
+    import minigpt.decode
+
+    rounds = []
+    original = minigpt.decode.Decoder.generate
+    monkeypatch.setattr(minigpt.decode.Decoder, "generate",
+                        lambda self, *a, **k: rounds.append(self) or original(self, *a, **k))
+    outs = []
+    for seed in ("5", "5"):
+        texts = main(["--ckpt", str(checkpoint), "--device", "cuda", "--attention", attention,
+                      "--prompt", "ROMEO:", "--max_new_tokens", "75", "--num_samples", "2",
+                      "--seed", seed, "--no_progress"])
+        outs.append(texts)
+    assert len(rounds) == 2 and all(d.graph is not None for d in rounds), "captured decode steps"
+    enc = tokenizer_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["tokenizer"])
+    for text in outs[0]:
+        assert len(enc.encode(text[len("ROMEO:") :], allowed_special="all")) == 75
+    assert outs[0] == outs[1], "the same seed gives the same samples"
+    capsys.readouterr()
