@@ -6,7 +6,7 @@
 PATH is either a minigpt run's ``metrics.csv`` (its ``val/loss`` rows and their ``time/since_launch_s``)
 or the printed output of nanoGPT's ``train.py`` with each line prefixed by the seconds since launch
 ("<seconds> s  step N: train loss X, val loss Y"). The figure marks the target loss and, per run, the
-first evaluation at or below it. docs/measurements holds the inputs of the figures in docs/images.
+first evaluation at or below it. docs/measurements holds the inputs of docs/images/time_to_loss.png.
 """
 
 import argparse
