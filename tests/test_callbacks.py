@@ -40,6 +40,7 @@ def test_startup_timer_logs_once_at_the_end_of_the_first_optimizer_step(caplog):
     module = SimpleNamespace(device=torch.device("cpu"))
     timer = StartupTimer()
     timer.on_fit_start(trainer, module)
+    timer.on_train_start(trainer, module)
     timer.on_sanity_check_start(trainer, module)
     time.sleep(0.05)
     timer.on_sanity_check_end(trainer, module)
@@ -54,3 +55,18 @@ def test_startup_timer_logs_once_at_the_end_of_the_first_optimizer_step(caplog):
     assert 0.05 <= metrics["time/sanity_check_s"] < 5
     assert 0 < metrics["time/fit_start_s"] < metrics["time/first_step_s"]
     assert sum("first step done" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_startup_timer_on_a_resumed_run_waits_for_its_first_optimizer_step():
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(step))
+    trainer = SimpleNamespace(loggers=[logger], global_step=50)  # resumed at step 50
+    module = SimpleNamespace(device=torch.device("cpu"))
+    timer = StartupTimer()
+    timer.on_fit_start(trainer, module)
+    timer.on_train_start(trainer, module)
+    timer.on_train_batch_end(trainer, module, None, None, 0)  # a micro-batch of step 51's gradient
+    assert logged == []
+    trainer.global_step = 51
+    timer.on_train_batch_end(trainer, module, None, None, 1)
+    assert logged == [50]

@@ -160,8 +160,7 @@ def test_pystdlib_text(pystdlib):
     assert {"asyncio/events.py", "email/parser.py", "json/decoder.py"} <= set(headers)
     for header in headers:  # tests, demos and the interpreter's build files are left out
         folders = header.split("/")[:-1]
-        skipped = {"test", "tests", "idlelib", "lib2to3", "site-packages", "encodings"}
-        assert not set(folders) & skipped, header
+        assert not set(folders) & minigpt.data._PYSTDLIB_SKIP, header
         assert not re.match(r"(config-|_sysconfigdata_)", header), header
     for speaker in ("ROMEO:", "\nRomeo:\n", "\nFirst Witch:\n"):  # not Shakespeare
         assert speaker not in text
@@ -173,7 +172,8 @@ def test_pystdlib_cache(tmp_path, pystdlib, monkeypatch):
     assert dm.tokenizer.decode(tokens(dm, "val").tolist()) == pystdlib[cut:]
     assert dm.meta["chars"] == {"train": cut, "val": len(pystdlib) - cut}
     source = dm.meta["fingerprint_parts"]["source"]
-    assert source == {"kind": "pystdlib", "python": platform.python_version(), "chars": 5_000_000}
+    assert source.keys() == {"kind", "python", "chars", "files"} and source["kind"] == "pystdlib"
+    assert source["python"] == platform.python_version() and source["chars"] == 5_000_000
     # another Python (or budget) rebuilds the cache in the same folder
     monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
     monkeypatch.setattr(minigpt.data, "_PYSTDLIB_CHARS", 50_000)
@@ -182,6 +182,16 @@ def test_pystdlib_cache(tmp_path, pystdlib, monkeypatch):
     assert meta["fingerprint"] != dm.meta["fingerprint"]
     assert meta["fingerprint_parts"]["source"]["python"] == "3.99.0"
     assert sum(meta["chars"].values()) == len(pystdlib_text()) < 60_000
+
+
+def test_pystdlib_fingerprint_follows_the_files(monkeypatch):
+    """Another set of library files (a distribution's additions, a changed skip list) under the same Python
+    version is another corpus."""
+    before = minigpt.data.source_fingerprint("pystdlib")
+    assert minigpt.data.source_fingerprint("pystdlib") == before
+    monkeypatch.setattr(minigpt.data, "_PYSTDLIB_SKIP", minigpt.data._PYSTDLIB_SKIP | {"json"})
+    after = minigpt.data.source_fingerprint("pystdlib")
+    assert after["files"] != before["files"] and after["python"] == before["python"]
 
 
 @pytest.mark.parametrize("source", ["shakespeare", "pystdlib"])

@@ -121,6 +121,7 @@ def test_split_rule_fills_the_gpu_only_when_it_pays():
     assert 1 < many <= kd.MAX_SPLITS and many * kd.MIN_SPLIT_KEYS <= 16384
     assert kd.num_splits_for(programs=4, capacity=1024, n_sm=132) == 1024 // kd.MIN_SPLIT_KEYS
     assert kd.num_splits_for(programs=64, capacity=4096, n_sm=132) == 2  # one wave: 128 programs, not 192
+    assert kd.num_splits_for(programs=96, capacity=32768, n_sm=132) == 2  # over half the SMs: still 2
     # a full GPU: only long caches split, into a few slices
     assert kd.num_splits_for(programs=192, capacity=1024, n_sm=132) == 1
     assert kd.num_splits_for(programs=192, capacity=16384, n_sm=132) == 2

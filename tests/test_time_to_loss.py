@@ -92,7 +92,7 @@ def test_one_measurement_end_to_end(tmp_path, capsys):
     assert ours[0] == "| minigpt sdpa #1" and ours[1].endswith("(step 9)")
     assert ours[2].startswith("not reached (best ")  # 20 tiny steps stay far above 1.35
     assert 1 < float(ours[3]) < 6 and float(ours[5].replace(",", "")) > 0 and ours[6].endswith(" s |")
-    assert "cpu, torch " in summary and "failed" not in summary
+    assert ", torch " in summary and ", triton " in summary and "failed" not in summary
     assert capsys.readouterr().out.count("| minigpt sdpa #1") == 1  # the summary is printed too
     assert (out / "time_to_loss.png").read_bytes().startswith(b"\x89PNG")
     assert not (out / "shakespeare.txt").exists()  # --source: the file itself is the text
