@@ -30,7 +30,6 @@ triton versions and the date. Then DIR/time_to_loss.png through plot_time_to_los
 
 import argparse
 import contextlib
-import csv
 import datetime
 import importlib.metadata
 import importlib.util
@@ -55,6 +54,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # runs as a script from a checkout, without installing minigpt
 
 from minigpt.attention import BACKENDS  # noqa: E402
+from minigpt.compare import read_metrics  # noqa: E402
 from minigpt.data import BUILTIN_SOURCES, builtin_text  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("plot_time_to_loss", HERE / "plot_time_to_loss.py")
@@ -199,27 +199,22 @@ def run_ours(i: int, backend: str, source: str, out: Path, extra: list[str], war
     found = sorted(root_dir.glob("*/metrics.csv"))  # the run folder is named after the config
     if found:
         run.curve_file = found[0]
-        read_metrics(found[0], run)
+        read_run_metrics(found[0].parent, run)
     return run
 
 
-def read_metrics(path: Path, run: Run) -> None:
+def read_run_metrics(run_dir: Path, run: Run) -> None:
     """The evaluations, median tokens/s (last three quarters of the steps: the first ones compile) and the
-    first step's time of a minigpt metrics.csv, into `run`."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    run.evaluations = [
-        (int(r["step"]), float(r["time/since_launch_s"]), float(r["val/loss"]))
-        for r in rows
-        if r.get("val/loss") and r.get("time/since_launch_s")
-    ]
-    speeds = sorted(
-        (int(r["step"]), float(r["perf/tokens_per_s"])) for r in rows if r.get("perf/tokens_per_s")
-    )
+    first step's time of a minigpt run folder, into `run`."""
+    series = read_metrics(run_dir)
+    seconds = dict(series.get("time/since_launch_s", []))
+    evaluations = series.get("val/loss", [])
+    run.evaluations = [(step, seconds[step], loss) for step, loss in evaluations if step in seconds]
+    speeds = [v for _, v in series.get("perf/tokens_per_s", [])]
     if speeds:
-        run.tokens_per_s = statistics.median(v for _, v in speeds[len(speeds) // 4 :])
-    first = [float(r["time/first_step_s"]) for r in rows if r.get("time/first_step_s")]
-    run.first_step_s = first[0] if first else None
+        run.tokens_per_s = statistics.median(speeds[len(speeds) // 4 :])
+    first = series.get("time/first_step_s", [])
+    run.first_step_s = first[0][1] if first else None
 
 
 # ---------------------------------------------------------------------------------------------------------
